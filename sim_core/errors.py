@@ -22,3 +22,14 @@ class InputError(Exception):
         if record is not None:
             text += f"{record}: "
         super().__init__(text + problem)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the message names the iteration and every term."""
+
+    def __init__(self, iteration: int, terms: dict[str, float]):
+        self.iteration = iteration
+        self.terms = terms
+        listed = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
+        super().__init__(f"non-finite loss at iteration {iteration}: {listed}; "
+                         "the last good checkpoint is kept")

@@ -1,0 +1,21 @@
+"""Arguments shared by the stage entry points."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_params_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one params key, e.g. --set train.max_iter=100 (repeatable)")
+
+
+def load_params_from_args(args: argparse.Namespace) -> dict:
+    from sim_core.config import load_params
+
+    return load_params(args.params, args.overrides)
+
+
+def run_dir_for(params: dict, run_name: str, explicit: str | None = None) -> Path:
+    return Path(explicit) if explicit else Path(params["train"]["runs_dir"]) / run_name

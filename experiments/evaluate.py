@@ -1,0 +1,87 @@
+"""``simbench evaluate``: score a run on val, or any results file against a GT.
+
+``--run NAME`` loads ``runs/<run>/model.pt``, predicts on the prepared val
+split and writes ``segm.json``, ``bbox.json`` and ``metrics.json``.
+``--gt GT.json --results R.json --out metrics.json`` scores any COCO results
+file (external runs included) with the same code.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from experiments.common import add_params_arguments, load_params_from_args, run_dir_for
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", default=None, help="run name: predict on val, then evaluate")
+    parser.add_argument("--gt", default=None, help="ground-truth COCO json")
+    parser.add_argument("--results", default=None, help="COCO results json (segm or bbox)")
+    parser.add_argument("--iou", default="segm,bbox", help="iou types, comma separated (default segm,bbox)")
+    parser.add_argument("--voc", action="store_true", help="also report AP25/AP50/AP70/AP75 (PASCAL VOC style)")
+    parser.add_argument("--backend", default=None, choices=["pycocotools", "faster"],
+                        help="COCO evaluation backend (default: params evaluate.backend, else pycocotools)")
+    parser.add_argument("--out", default=None, help="metrics json to write")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: <train.runs_dir>/<run>)")
+    add_params_arguments(parser)
+
+
+def _print_table(metrics: dict) -> None:
+    for iou_type, values in metrics.items():
+        if isinstance(values, dict):
+            print(f"{iou_type:5s} " + "  ".join(f"{k}={100 * v:.1f}" for k, v in values.items()))
+
+
+def evaluate_run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from sim_core.config import resolve_run
+    from sim_core.engine.run_info import git_commit
+    from sim_core.evaluation.coco_eval import evaluate_coco
+    from sim_core.evaluation.inference import load_trained_model, predict_split
+    from sim_core.io_utils import atomic_write_json
+
+    params = load_params_from_args(args)
+    resolved = resolve_run(params, args.run)
+    run_dir = run_dir_for(params, args.run, args.run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_trained_model(run_dir / "model.pt", device)
+    root = Path(resolved["data"]["root"])
+    gt_path = root / "val.json"
+    segm, bbox = predict_split(model, gt_path, root / "images", resolved, device,
+                               progress=sys.stderr.isatty())
+    atomic_write_json(run_dir / "segm.json", segm, indent=None)
+    atomic_write_json(run_dir / "bbox.json", bbox, indent=None)
+    backend = args.backend or resolved["evaluate"]["backend"]
+    metrics = {
+        "segm": evaluate_coco(gt_path, segm, iou_types=("segm",), backend=backend)["segm"],
+        "bbox": evaluate_coco(gt_path, bbox, iou_types=("bbox",), backend=backend)["bbox"],
+    }
+    if args.voc or resolved["evaluate"].get("voc_metrics"):
+        from sim_core.evaluation.coco_eval import evaluate_voc
+
+        metrics["voc"] = evaluate_voc(gt_path, segm, iou_type="segm")
+    record = {"run": args.run, "method": resolved["train"]["method"], "seed": resolved["train"]["seed"],
+              "profile": resolved.get("profile"), "dataset": resolved["data"]["dataset"], "split": "val",
+              "external": False, **metrics, "num_detections": len(segm),
+              "git_commit": git_commit(), "params": resolved}
+    atomic_write_json(Path(args.out) if args.out else run_dir / "metrics.json", record)
+    return metrics
+
+
+def main(args: argparse.Namespace) -> int:
+    from sim_core.errors import InputError
+
+    if args.run:
+        metrics = evaluate_run(args)
+    else:
+        if not (args.gt and args.results):
+            raise InputError("evaluate", "give --run NAME, or both --gt GT.json and --results RESULTS.json")
+        from sim_core.evaluation.coco_eval import evaluate_files
+
+        iou_types = tuple(t.strip() for t in args.iou.split(",") if t.strip())
+        metrics = evaluate_files(Path(args.gt), Path(args.results), iou_types, args.backend or "pycocotools",
+                                 Path(args.out) if args.out else None, voc=args.voc)
+    _print_table(metrics)
+    return 0

@@ -1,0 +1,76 @@
+"""``simbench prepare KIND --out DIR``: any dataset to simbench's COCO layout.
+
+Everything is validated before anything is written; the output directory is
+built under a temporary name and renamed at the end, so a failed prepare
+leaves nothing behind. See ``docs/architecture.md`` for the layout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    kinds = parser.add_subparsers(dest="kind", required=True, parser_class=type(parser))
+    syn = kinds.add_parser("synthetic", help="procedurally generated dataset (deterministic from a seed)")
+    syn.add_argument("--params", default="params.yaml",
+                     help="read the 'synthetic' section from this file when it exists")
+    syn.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key of the synthetic section, e.g. --set num_train=200")
+    c128 = kinds.add_parser("coco128", help="128 real COCO images (smoke tests)")
+    c128.add_argument("--root", default=None, help="COCO-layout folder (default: ../shared/datasets/coco128)")
+    coco = kinds.add_parser("coco", help="a COCO 2017 folder: validated and linked, never copied")
+    coco.add_argument("--root", required=True, help="folder with train2017/, val2017/, annotations/")
+    coco.add_argument("--download", action="store_true", help="download COCO 2017 into --root first (resumable)")
+    voc = kinds.add_parser("voc", help="PASCAL VOC 2012 + SBD train_aug / val")
+    voc.add_argument("--voc", required=True, help="VOC2012 folder (JPEGImages/, SegmentationObject/, ...)")
+    voc.add_argument("--sbd", default=None, help="SBD folder (dataset/inst, dataset/cls, ...)")
+    voc.add_argument("--train-json", default=None, help="ready-made voc_2012_train_aug_cocostyle.json instead of SBD")
+    voc.add_argument("--val-json", default=None, help="ready-made voc_2012_val_cocostyle.json")
+    custom = kinds.add_parser("custom", help="any COCO-format images + jsons")
+    custom.add_argument("--images", required=True)
+    custom.add_argument("--train-ann", required=True)
+    custom.add_argument("--val-ann", required=True)
+    for sub in (syn, c128, coco, voc, custom):
+        sub.add_argument("--out", required=True, help="output directory")
+
+
+def synthetic_config(args: argparse.Namespace) -> dict:
+    from sim_core.config import apply_overrides, read_yaml
+    from sim_core.data.synthetic import DEFAULT_SYNTHETIC_CFG
+
+    cfg = dict(DEFAULT_SYNTHETIC_CFG)
+    if Path(args.params).is_file():
+        section = read_yaml(args.params).get("synthetic") or {}
+        cfg.update(apply_overrides(cfg, section, source=f"{args.params}: synthetic"))
+    overrides = [o.removeprefix("synthetic.") for o in args.overrides]
+    return apply_overrides(cfg, overrides, source="--set")
+
+
+def main(args: argparse.Namespace) -> int:
+    from sim_core.data import prepare as prep
+
+    out = Path(args.out)
+    if args.kind == "synthetic":
+        summary = prep.prepare_synthetic(out, synthetic_config(args))
+    elif args.kind == "coco128":
+        summary = prep.prepare_coco128(out, root=args.root)
+    elif args.kind == "coco":
+        if args.download:
+            from sim_core.data.coco_download import download_coco
+
+            download_coco(Path(args.root))
+        summary = prep.prepare_coco(out, Path(args.root))
+    elif args.kind == "voc":
+        from sim_core.data import voc
+
+        if args.train_json or args.val_json:
+            summary = voc.prepare_voc_cocostyle(out, Path(args.voc), Path(args.train_json), Path(args.val_json))
+        else:
+            summary = voc.prepare_voc(out, Path(args.voc), Path(args.sbd) if args.sbd else None)
+    else:
+        summary = prep.prepare_custom(out, Path(args.images), Path(args.train_ann), Path(args.val_ann))
+    print(f"prepared {args.kind} -> {out}")
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=None))
+    return 0

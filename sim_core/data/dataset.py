@@ -1,0 +1,115 @@
+"""The torch Dataset over a validated :class:`~sim_core.data.coco.CocoData`.
+
+A sample is ``(image, target)`` exactly as docs/architecture.md ("Training
+sample") fixes it: ``image`` uint8 ``[3, h, w]`` RGB after resize/flip,
+``target`` with ``boxes`` (float32 xyxy), ``labels`` (int64, contiguous),
+``masks`` (uint8 ``[N, h, w]``), ``image_id`` and ``orig_size`` ``(h0, w0)``.
+Crowd annotations never become targets (they stay in the json for the
+evaluator). Boxes come from the json ``bbox`` (clipped at load time), as in
+COCO training code, not from the masks.
+
+Cost: the image is decoded once, all masks of a sample are decoded in one
+``pycocotools.mask.decode`` call at the original size, then resized together.
+
+Determinism: with ``seed`` set, the random transform of sample ``index`` in
+epoch ``e`` comes from its own generator seeded by ``(seed, e, index)``, so it
+does not depend on the number of workers or the order samples are drawn in
+(a resumed run sees the same augmentation). Without ``seed`` the torch global
+generator is used, which the DataLoader seeds per worker.
+
+Training drops images without any non-crowd annotation by default, as the
+Detectron2-based code of BoxInst and SIM does; evaluation keeps every image.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+
+from sim_core.data.coco import CocoData, annotation_rle
+from sim_core.data.images import read_image_rgb
+from sim_core.data.transforms import apply_transform, check_transform_settings, sample_params
+
+
+class CocoDetectionDataset(Dataset):
+    def __init__(
+        self,
+        data: CocoData,
+        train: bool,
+        sizes: list[int],
+        max_size: int,
+        flip_prob: float,
+        seed: int | None = None,
+        drop_empty: bool | None = None,
+    ) -> None:
+        check_transform_settings(sizes, max_size, flip_prob)
+        self.data = data
+        self.train = train
+        self.sizes = [int(s) for s in sizes]
+        self.max_size = int(max_size)
+        self.flip_prob = float(flip_prob)
+        self.seed = seed
+        self.epoch = 0
+        drop_empty = train if drop_empty is None else drop_empty
+        self.image_ids = [
+            i for i in data.image_ids
+            if not drop_empty or any(not a["iscrowd"] for a in data.annotations[i])
+        ]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation draws are used (only matters with ``seed``)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def _generator(self, index: int) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        state = np.random.SeedSequence([int(self.seed), self.epoch, int(index)]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(state))
+
+    def load_instances(self, image_id: int) -> tuple[torch.Tensor, dict]:
+        """The untransformed image and non-crowd targets of one image."""
+        record = self.data.images[image_id]
+        height, width = record["height"], record["width"]
+        array = read_image_rgb(self.data.image_path(image_id), expected_size=(height, width))
+        image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        anns = [a for a in self.data.annotations[image_id] if not a["iscrowd"]]
+        if anns:
+            rles = [annotation_rle(a["segmentation"], height, width) for a in anns]
+            decoded = mask_utils.decode(rles)  # [h, w, N], Fortran order
+            masks = torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1)))
+            xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)
+            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1).float()
+        else:
+            masks = torch.zeros((0, height, width), dtype=torch.uint8)
+            boxes = torch.zeros((0, 4), dtype=torch.float32)
+        labels = torch.tensor([self.data.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
+        target = {
+            "boxes": boxes,
+            "labels": labels,
+            "masks": masks,
+            "image_id": int(image_id),
+            "orig_size": (int(height), int(width)),
+        }
+        return image, target
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image_id = self.image_ids[index]
+        image, target = self.load_instances(image_id)
+        height, width = target["orig_size"]
+        params = sample_params(
+            height, width, self.train, self.sizes, self.max_size, self.flip_prob, self._generator(index)
+        )
+        image, boxes, masks = apply_transform(image, target["boxes"], target["masks"], params)
+        target.update(boxes=boxes, masks=masks)
+        return image, target
+
+
+def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Keep images of different sizes as a list; the detector pads them."""
+    images = [image for image, _ in batch]
+    targets = [target for _, target in batch]
+    return images, targets

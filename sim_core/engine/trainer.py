@@ -1,0 +1,207 @@
+"""The training loop shared by every method.
+
+One loop for all methods and scales: the method only changes the mask loss
+(``baselines.build_mask_loss``) and, for SIM, adds a teacher, a prototype bank
+and copy-paste (``sim_core.sim.trainer_hooks.SIMTrainingState``).
+
+What the loop guarantees:
+- resume: the latest readable checkpoint is loaded and training continues at
+  the saved iteration with the same data order (``engine.batches``), so a
+  killed and resumed run ends with the weights of an uninterrupted one (CPU);
+- atomic checkpoints every ``train.checkpoint_every`` iterations (rank 0);
+- a non-finite loss stops the run at once, naming the iteration and every
+  loss term, and leaves the last good checkpoint in place;
+- the same effective batch and learning rate for any number of processes
+  (gradient accumulation), AMP on CUDA, gradient clipping;
+- ``train_log.jsonl`` + dvclive logs, a tqdm bar with the loss terms, and a
+  ``run.json`` stamp (commit, versions, device, seed, resolved params).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from baselines import build_mask_loss
+from sim_core.data.coco import load_coco
+from sim_core.data.dataset import CocoDetectionDataset, collate
+from sim_core.engine import checkpoint as ckpt
+from sim_core.engine.batches import IterationBatchSampler, SeededSamples
+from sim_core.engine.distributed import DistInfo, accumulation_steps, average_gradients, init_distributed
+from sim_core.engine.logger import TrainLogger
+from sim_core.engine.run_info import run_stamp
+from sim_core.engine.schedule import build_optimizer, lr_at, set_lr
+from sim_core.engine.seeding import seed_everything
+from sim_core.errors import InputError, NonFiniteLossError
+from sim_core.io_utils import atomic_write_json
+from sim_core.model.condinst import CondInst
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("train.device", f"'{name}' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def method_config(params: dict, method: str) -> dict:
+    """The params a mask loss reads: its own section (SIM also gets BoxInst's)."""
+    cfg = dict(params.get(method) or {})
+    if method == "sim":
+        cfg["boxinst"] = dict(params["boxinst"])
+    cfg["mask_feat_channels"] = params["model"]["mask_out_channels"]
+    return cfg
+
+
+def build_train_data(params: dict) -> tuple[Any, CocoDetectionDataset]:
+    data_cfg = params["data"]
+    root = Path(data_cfg["root"])
+    coco = load_coco(root / "train.json", root / "images", check_images=False)
+    dataset = CocoDetectionDataset(coco, train=True, sizes=list(data_cfg["train_sizes"]),
+                                   max_size=int(data_cfg["max_size"]), flip_prob=float(data_cfg["flip_prob"]))
+    return coco, dataset
+
+
+class Trainer:
+    """Holds everything one run needs; ``run()`` trains to ``train.max_iter``."""
+
+    def __init__(self, params: dict, run_dir: str | Path, progress: bool = True):
+        self.params = params
+        self.cfg = params["train"]
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.device = pick_device(self.cfg.get("device", "auto"))
+        self.dist: DistInfo = init_distributed(self.device)
+        seed_everything(int(self.cfg["seed"]) + self.dist.rank)
+        self.coco, self.dataset = build_train_data(params)
+        num_classes = len(self.coco.label_to_cat_id)
+        # The model is built from the run seed alone so every process starts identical.
+        seed_everything(int(self.cfg["seed"]))
+        self.model = CondInst(num_classes, params["model"]).to(self.device)
+        self.mask_loss = build_mask_loss(self.cfg["method"], method_config(params, self.cfg["method"])).to(self.device)
+        self.sim_state = None
+        if self.cfg["method"] == "sim":
+            from sim_core.sim.trainer_hooks import SIMTrainingState
+
+            self.sim_state = SIMTrainingState(self.model, self.mask_loss, method_config(params, "sim"),
+                                              num_classes=num_classes, seed=int(self.cfg["seed"]))
+        trainable = [p for m in (self.model, self.mask_loss) for p in m.parameters() if p.requires_grad]
+        self.trainable = trainable
+        self.optimizer = build_optimizer(trainable, self.cfg)
+        self.use_amp = self.device.type == "cuda" and bool(self.cfg.get("amp", True))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.start_iter = 0
+
+    # -- checkpoints -------------------------------------------------------
+    def state_dict(self, iteration: int) -> dict:
+        state = {
+            "iteration": iteration,
+            "model": self.model.state_dict(),
+            "mask_loss": self.mask_loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "run": self.params.get("run"),
+        }
+        if self.sim_state is not None:
+            state["sim"] = self.sim_state.state_dict()
+        return state
+
+    def try_resume(self) -> int:
+        state = ckpt.load_latest_checkpoint(self.run_dir)
+        if state is None:
+            return 0
+        self.model.load_state_dict(state["model"])
+        self.mask_loss.load_state_dict(state["mask_loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.sim_state is not None and "sim" in state:
+            self.sim_state.load_state_dict(state["sim"])
+        self.start_iter = int(state["iteration"])
+        return self.start_iter
+
+    # -- the loop ----------------------------------------------------------
+    def _loader(self, micro: int) -> DataLoader:
+        sampler = IterationBatchSampler(len(self.dataset), int(self.cfg["batch_size"]), int(self.cfg["seed"]),
+                                        self.start_iter, int(self.cfg["max_iter"]), rank=self.dist.rank,
+                                        world_size=self.dist.world_size, micro_batches=micro)
+        workers = int(self.cfg.get("num_workers", 0))
+        return DataLoader(SeededSamples(self.dataset), batch_sampler=sampler, collate_fn=collate,
+                          num_workers=workers, persistent_workers=False,
+                          prefetch_factor=2 if workers > 0 else None)
+
+    def _forward(self, images, targets, iteration: int, max_iter: int) -> dict[str, torch.Tensor]:
+        images = [im.to(self.device, non_blocking=True) for im in images]
+        targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        extras = None
+        if self.sim_state is not None:
+            images, targets = self.sim_state.before_step(images, targets, iteration)
+            extras = self.sim_state.extras()
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            return self.model.training_losses(images, targets, self.mask_loss, iteration, max_iter, extras=extras)
+
+    def run(self) -> dict:
+        self.try_resume()
+        max_iter = int(self.cfg["max_iter"])
+        micro = accumulation_steps(int(self.cfg["batch_size"]), int(self.cfg["batch_per_process"]),
+                                   self.dist.world_size)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.run_dir / "run.json", run_stamp(self.params, self.device, self.dist.world_size))
+        logger = TrainLogger(self.run_dir, self.start_iter, max_iter, enabled=self.dist.is_main,
+                             progress=self.progress, log_every=int(self.cfg.get("log_every", 20)))
+        loader = iter(self._loader(micro))
+        self.model.train()
+        clip = float(self.cfg.get("grad_clip", 0.0))
+        try:
+            for iteration in range(self.start_iter, max_iter):
+                tic = time.perf_counter()
+                lr = lr_at(iteration, self.cfg)
+                set_lr(self.optimizer, lr)
+                self.optimizer.zero_grad(set_to_none=True)
+                totals: dict[str, float] = {}
+                for _ in range(micro):
+                    images, targets = next(loader)
+                    losses = self._forward(images, targets, iteration, max_iter)
+                    loss = sum(losses.values()) / micro
+                    values = {k: float(v.detach()) for k, v in losses.items()}
+                    if not all(math.isfinite(v) for v in values.values()):
+                        raise NonFiniteLossError(iteration, values)
+                    for k, v in values.items():
+                        totals[k] = totals.get(k, 0.0) + v / micro
+                    self.scaler.scale(loss).backward()
+                average_gradients(self.model)
+                average_gradients(self.mask_loss)
+                self.scaler.unscale_(self.optimizer)
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if self.sim_state is not None:
+                    self.sim_state.after_step(self.model, iteration)
+                totals["loss"] = sum(v for k, v in totals.items())
+                logger.log(iteration, lr, totals, time.perf_counter() - tic)
+                done = iteration + 1
+                if self.dist.is_main and (done % int(self.cfg["checkpoint_every"]) == 0 or done == max_iter):
+                    ckpt.save_checkpoint(self.run_dir, self.state_dict(done))
+        finally:
+            logger.close()
+        if self.dist.is_main:
+            ckpt.save_weights(self.run_dir / "model.pt", self.model.state_dict(),
+                              {"num_classes": len(self.coco.label_to_cat_id),
+                               "label_to_cat_id": {int(k): int(v) for k, v in self.coco.label_to_cat_id.items()},
+                               "model_cfg": self.params["model"], "run": self.params.get("run"),
+                               "iterations": max_iter})
+        return {"iterations": max_iter, "resumed_from": self.start_iter}
+
+
+def train_run(params: dict, run_dir: str | Path, progress: bool = True) -> dict:
+    """Train one resolved run (see ``sim_core.config.resolve_run``) into ``run_dir``."""
+    torch.set_num_threads(max(1, int(params["train"].get("threads", 0)) or torch.get_num_threads()))
+    return Trainer(params, run_dir, progress=progress).run()

@@ -1,0 +1,182 @@
+"""Backbones: C3/C4/C5 feature maps (strides 8/16/32) for the FPN.
+
+Every backbone is an ``nn.Module`` whose ``forward(images)`` returns
+``{"c3": ..., "c4": ..., "c5": ...}`` and which carries
+``out_channels: dict[str, int]`` so the neck can be built without a dry run.
+
+* ``resnet50`` / ``resnet101``: torchvision's ResNets built with
+  ``weights=None`` (no download, ever) and ``FrozenBatchNorm2d``, as detectron2
+  and AdelaiDet train them: batch statistics of 2-image-per-GPU batches are
+  useless, so BN keeps the (pretrained) statistics and affine parameters fixed.
+  ``freeze_at`` follows detectron2: 0 trains everything, 1 freezes the stem,
+  2 the stem and ``layer1`` (res2, the default), ... 5 everything.
+  ``pretrained`` names a local state-dict file (torchvision's ImageNet
+  ``resnet50-*.pth`` layout; ``fc.*`` is ignored) loaded with
+  ``torch.load(weights_only=True)``. Input is RGB normalised with the ImageNet
+  mean/std, which is what torchvision's weights expect (AdelaiDet's MSRA
+  weights use BGR; that is a difference of weight files, not of the method).
+* ``resnet_tiny``: a narrow ResNet (one BasicBlock per stage, widths
+  16/32/64/128 by default, GroupNorm) for the CPU demo. GroupNorm instead of
+  BN because the demo trains from scratch with small batches, and because the
+  EMA teacher of SIM then behaves identically in train and eval mode.
+* ``swin_b`` and ``resnet101_dcn`` live in ``swin.py`` / ``resnet_dcn.py`` and
+  are imported only when asked for.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import resnet50, resnet101
+from torchvision.ops import FrozenBatchNorm2d
+
+from sim_core.errors import InputError
+
+BACKBONES = ("resnet50", "resnet101", "resnet_tiny", "swin_b", "resnet101_dcn")
+
+
+class TorchvisionResNet(nn.Module):
+    """A torchvision ResNet cut after ``layer4``, returning C3, C4, C5."""
+
+    def __init__(self, depth: int, freeze_at: int = 2, pretrained: str | None = None):
+        super().__init__()
+        builder = {50: resnet50, 101: resnet101}[depth]
+        net = builder(weights=None, norm_layer=FrozenBatchNorm2d)
+        if pretrained:
+            load_resnet_weights(net, pretrained)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.out_channels = {"c3": 512, "c4": 1024, "c5": 2048}
+        self._freeze(freeze_at)
+
+    def _freeze(self, freeze_at: int) -> None:
+        if not 0 <= freeze_at <= 5:
+            raise InputError("model.freeze_at", f"must be an integer in 0..5, got {freeze_at!r}")
+        stages = [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
+        for stage in stages[:freeze_at]:
+            for p in stage.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        x = self.layer1(self.stem(x))
+        c3 = self.layer2(x)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return {"c3": c3, "c4": c4, "c5": c5}
+
+
+def load_resnet_weights(net: nn.Module, path: str | Path) -> None:
+    """Load a torchvision-layout ResNet state dict, or say precisely why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("model.pretrained", f"weights file does not exist: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, non-torch files
+        raise InputError("model.pretrained", f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise InputError("model.pretrained", f"{path} does not hold a state dict")
+    state = {k: v for k, v in state.items()
+             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state)
+                   if not isinstance(state[k], Tensor) or tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if wrong:
+            k = wrong[0]
+            got = tuple(state[k].shape) if isinstance(state[k], Tensor) else type(state[k]).__name__
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {got}, model {tuple(own[k].shape)})")
+        raise InputError("model.pretrained",
+                         f"{path} does not match the torchvision ResNet architecture: " + "; ".join(parts))
+    net.load_state_dict(state, strict=False)
+
+
+def _norm(channels: int, kind: str) -> nn.Module:
+    if kind == "GN":
+        return nn.GroupNorm(min(8, channels // 4), channels)
+    if kind == "BN":
+        return nn.BatchNorm2d(channels)
+    raise InputError("model.tiny_norm", f"must be 'GN' or 'BN', got {kind!r}")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual; a strided 1x1 projection when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = _norm(cout, norm)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = _norm(cout, norm)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _norm(cout, norm))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return F.relu(y + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    """A narrow ResNet for CPU demos: stem to stride 4, four stages of BasicBlocks.
+
+    The stem is a single stride-2 3x3 conv plus a stride-2 max-pool (cheaper than
+    ResNet's 7x7 conv at the resolution where most pixels are).
+    """
+
+    def __init__(self, widths: list[int], blocks: list[int], norm: str = "GN"):
+        super().__init__()
+        if len(widths) != 4 or len(blocks) != 4 or min(widths) < 4 or min(blocks) < 1:
+            raise InputError("model.tiny_widths", f"need 4 widths >= 4 and 4 block counts >= 1, got {widths}, {blocks}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), _norm(widths[0], norm), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
+        stages, cin = [], widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            layers = [BasicBlock(cin, w, 1 if i == 0 else 2, norm)]
+            layers += [BasicBlock(w, w, 1, norm) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*layers))
+            cin = w
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.out_channels = {"c3": widths[1], "c4": widths[2], "c5": widths[3]}
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        x = self.layer1(self.stem(x))
+        c3 = self.layer2(x)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return {"c3": c3, "c4": c4, "c5": c5}
+
+
+def build_backbone(cfg: dict[str, Any]) -> nn.Module:
+    """Build the backbone named by ``cfg["backbone"]`` (see the module docstring)."""
+    name = cfg.get("backbone", "resnet50")
+    if name in ("resnet50", "resnet101"):
+        return TorchvisionResNet(int(name[len("resnet"):]), int(cfg.get("freeze_at", 2)), cfg.get("pretrained"))
+    elif name == "resnet_tiny":
+        return TinyResNet(list(cfg.get("tiny_widths", [16, 32, 64, 128])),
+                          list(cfg.get("tiny_blocks", [1, 1, 1, 1])), cfg.get("tiny_norm", "GN"))
+    elif name == "swin_b":
+        from sim_core.model.swin import build_swin_b
+        return build_swin_b(cfg)
+    elif name == "resnet101_dcn":
+        from sim_core.model.resnet_dcn import build_resnet_dcn
+        return build_resnet_dcn(cfg)
+    raise InputError("model.backbone", f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")

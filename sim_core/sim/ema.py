@@ -1,0 +1,81 @@
+"""The EMA teacher of SIM: a momentum copy of the whole detector.
+
+SIM (Li et al., CVPR 2023, Sec. 3.1) builds every pseudo label from a teacher
+``F'_seg`` whose weights are an exponential moving average of the student's:
+``theta' <- m * theta' + (1 - m) * theta`` with ``m = 0.9999``. A slowly moving
+copy gives mask features Z' and instance masks that are steadier than the
+student's own, which is what makes them usable as targets.
+
+Design choices (why):
+- The teacher is a deep copy of the student taken at construction, so the two
+  start identical, as in mean-teacher training.
+- Parameters are averaged; buffers (BatchNorm running statistics, counters)
+  are copied from the student, because averaging integer counters is
+  meaningless and running statistics are already averages.
+- The teacher never receives gradients (``requires_grad=False``) and always
+  runs in ``eval`` mode: ``train()`` on it is a no-op, so a training loop that
+  calls ``model.train()`` on everything cannot switch the teacher's
+  BatchNorm to batch statistics or make it non-deterministic.
+- A student wrapped in ``DistributedDataParallel`` is unwrapped (``.module``)
+  before copying or updating, so parameter names line up.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DDP / DataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+class EMATeacher(nn.Module):
+    """A frozen momentum copy of ``student``; call :meth:`update` after each optimiser step."""
+
+    def __init__(self, student: nn.Module, momentum: float = 0.9999):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"EMA momentum must lie in [0, 1], got {momentum}")
+        self.momentum = float(momentum)
+        self.model = copy.deepcopy(unwrap(student))
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> "EMATeacher":  # noqa: ARG002 - the teacher stays in eval mode
+        self.training = False
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        """``teacher = m * teacher + (1 - m) * student`` for parameters; buffers are copied."""
+        student = unwrap(student)
+        m = self.momentum
+        student_params = dict(student.named_parameters())
+        for name, t_param in self.model.named_parameters():
+            s_param = student_params.get(name)
+            if s_param is None:
+                raise KeyError(f"student has no parameter '{name}'; teacher and student differ in structure")
+            t_param.mul_(m).add_(s_param.detach().to(t_param.dtype), alpha=1.0 - m)
+        student_buffers = dict(student.named_buffers())
+        for name, t_buf in self.model.named_buffers():
+            s_buf = student_buffers.get(name)
+            if s_buf is not None:
+                t_buf.copy_(s_buf.detach())
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def parameter_distance(self, student: nn.Module) -> Tensor:
+        """Largest absolute difference between teacher and student parameters (a diagnostic)."""
+        student_params = dict(unwrap(student).named_parameters())
+        worst = torch.zeros(())
+        for name, t_param in self.model.named_parameters():
+            diff = (t_param.detach() - student_params[name].detach()).abs().max()
+            worst = torch.maximum(worst, diff.cpu())
+        return worst

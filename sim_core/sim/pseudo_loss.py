@@ -1,0 +1,81 @@
+"""The two mask losses SIM adds to BoxInst: L_pseudo and L_paste, and their schedules.
+
+- ``L_pseudo`` (paper Eq. 6): the predicted masks against the pseudo labels of
+  :mod:`sim_core.sim.self_correction`, with the ignore band weighted 0:
+  weighted binary cross-entropy plus weighted Dice, times ``lambda1 = 0.5``,
+  switched on once the warm-up (10k of 90k iterations at paper scale) is over,
+  because early teacher masks and prototypes are noise.
+  The released code uses a focal loss alone, weight 0.3, ramped linearly
+  from 0 over the whole schedule (``variant: released_code``).
+- ``L_paste`` (paper Sec. 3.4): instances pasted by the tailored copy-paste
+  come with the teacher's pseudo mask as a full mask target; they are
+  supervised with focal + Dice, ``lambda2 = 1``.
+
+Normalisation: pixel losses are summed with their weights and divided by the
+sum of the weights (+1 for the focal terms, as the released code does, so an
+instance with no labelled pixel contributes zero instead of 0/0); Dice is
+per instance, averaged over instances.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import sigmoid_focal_loss
+
+from sim_core.model.mask_inputs import dice_loss
+
+
+def _flat(logits: Tensor) -> Tensor:
+    """``[P, 1, H, W]`` or ``[P, H, W]`` -> ``[P, H, W]``."""
+    return logits.squeeze(1) if logits.dim() == 4 else logits
+
+
+def weighted_bce(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    """``sum(w * BCE) / max(sum(w), 1)`` over all pixels of all instances."""
+    logits = _flat(logits)
+    loss = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+    return (loss * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def weighted_focal(logits: Tensor, targets: Tensor, weights: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Sigmoid focal loss ``sum(w * FL) / (sum(w) + 1)``."""
+    logits = _flat(logits)
+    loss = sigmoid_focal_loss(logits, targets.to(logits.dtype), alpha=alpha, gamma=gamma, reduction="none")
+    return (loss * weights).sum() / (weights.sum() + 1.0)
+
+
+def weighted_dice(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+    """Mean over instances of the weighted squared-denominator Dice (CondInst's)."""
+    logits = _flat(logits)
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return dice_loss(logits.sigmoid(), targets, weights).mean()
+
+
+def pseudo_mask_loss(logits: Tensor, targets: Tensor, weights: Tensor, kind: str = "bce_dice") -> Tensor:
+    """Unweighted ``L_pseudo``: ``bce_dice`` (paper) or ``focal`` (released code)."""
+    if kind == "bce_dice":
+        return weighted_bce(logits, targets, weights) + weighted_dice(logits, targets, weights)
+    if kind == "focal":
+        return weighted_focal(logits, targets, weights)
+    raise ValueError(f"unknown pseudo loss kind '{kind}' (choose bce_dice or focal)")
+
+
+def paste_mask_loss(logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """Unweighted ``L_paste`` = focal + Dice against the pasted pseudo masks (padding ignored)."""
+    return weighted_focal(logits, targets, valid) + weighted_dice(logits, targets, valid)
+
+
+def pseudo_loss_weight(iteration: int, max_iter: int, lam: float, ramp: str = "step",
+                       start_frac: float = 10000 / 90000) -> float:
+    """Weight of ``L_pseudo`` at ``iteration``.
+
+    ``step`` (paper): ``lam`` from ``start_frac * max_iter`` on, 0 before.
+    ``linear`` (released code): ``lam * min(iteration / max_iter, 1)``.
+    """
+    if ramp == "step":
+        return float(lam) if iteration >= start_frac * max_iter else 0.0
+    if ramp == "linear":
+        return float(lam) * min(float(iteration) / float(max(max_iter, 1)), 1.0)
+    raise ValueError(f"unknown pseudo loss ramp '{ramp}' (choose step or linear)")
+
