@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _print_table(metrics: dict) -> None:
     for iou_type, values in metrics.items():
         if isinstance(values, dict):
-            print(f"{iou_type:5s} " + "  ".join(f"{k}={100 * v:.1f}" for k, v in values.items()))
+            print(f"{iou_type:5s} " + "  ".join(f"{k}={'n/a' if v is None else f'{100 * v:.1f}'}"
+                                                for k, v in values.items()))
 
 
 def evaluate_run(args: argparse.Namespace) -> dict:
@@ -54,14 +55,11 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     atomic_write_json(run_dir / "segm.json", segm, indent=None)
     atomic_write_json(run_dir / "bbox.json", bbox, indent=None)
     backend = args.backend or resolved["evaluate"]["backend"]
-    metrics = {
-        "segm": evaluate_coco(gt_path, segm, iou_types=("segm",), backend=backend)["segm"],
-        "bbox": evaluate_coco(gt_path, bbox, iou_types=("bbox",), backend=backend)["bbox"],
-    }
+    metrics = evaluate_coco(gt_path, {"segm": segm, "bbox": bbox}, iou_types=("segm", "bbox"), backend=backend)
     if args.voc or resolved["evaluate"].get("voc_metrics"):
         from sim_core.evaluation.coco_eval import evaluate_voc
 
-        metrics["voc"] = evaluate_voc(gt_path, segm, iou_type="segm")
+        metrics["voc"] = evaluate_voc(gt_path, segm, iou_type="segm", backend=backend)
     record = {"run": args.run, "method": resolved["train"]["method"], "seed": resolved["train"]["seed"],
               "profile": resolved.get("profile"), "dataset": resolved["data"]["dataset"], "split": "val",
               "external": False, **metrics, "num_detections": len(segm),

@@ -27,8 +27,8 @@ def size_bin(area: float) -> str:
 
 def split_summary(data: CocoData) -> dict[str, Any]:
     """Counts of one split; instances are non-crowd annotations, crowd is counted apart."""
-    per_class = {name: 0 for name in _class_keys(data)}
     keys = _class_keys(data)
+    per_class = {name: 0 for name in keys}
     sizes = {"small": 0, "medium": 0, "large": 0}
     instances = crowd = no_annotations = no_instances = 0
     for anns in data.annotations.values():
@@ -64,7 +64,7 @@ def _class_keys(data: CocoData) -> list[str]:
     ]
 
 
-def build_summary(kind: str, splits: dict[str, CocoData], source: dict[str, str]) -> dict[str, Any]:
+def build_summary(kind: str, splits: dict[str, CocoData], source: dict[str, Any]) -> dict[str, Any]:
     """The whole summary.json: dataset kind, categories, per-split counts, inputs."""
     first = next(iter(splits.values()))
     return {

@@ -8,10 +8,11 @@ phenomena on which they differ; a dataset of flat discs would rank them all equa
   background inside the box;
 * class-specific textures and colour tints on textured, noisy backgrounds:
   class structure is learnable;
-* low-contrast instances: one of the instance's two colours is copied from the
-  background under it, and a background patch of the other colour may touch it,
-  so pixel-colour affinity alone (BoxInst's pairwise term, the level-set
-  energy) leaks or breaks there, while class structure (SIM's prototypes) helps;
+* low-contrast instances: the background takes the object's colour on one side
+  of it (a soft halo or a touching blob), or the object takes the background's
+  colour (camouflage, only texture and outline remain), so pixel-colour
+  affinity (BoxInst's pairwise term, the level-set energy) leaks or breaks
+  there, while class structure (SIM's prototypes) still helps;
 * groups of same-class instances that overlap and occlude each other: a
   semantic map alone merges them, only instance reasoning separates them;
 * small (COCO area < 32^2) and medium objects.
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from sim_core.data import synthetic_shapes as shapes
@@ -49,27 +50,33 @@ DEFAULT_SYNTHETIC_CFG: dict[str, Any] = {
     "min_objects": 2,  # objects placed per image before occlusion culling
     "max_objects": 5,
     "small_size": [12, 30],  # extent in pixels of the longer object axis
-    "large_size": [40, 80],
-    "p_small": 0.3,  # probability that an object (or group) is drawn from small_size
-    "aspect_max": 1.5,  # longer / shorter object axis is drawn from [1, aspect_max]
-    "max_tilt": 45.0,  # degrees of rotation away from a quarter turn (45 = any angle)
-    "p_low_contrast": 0.35,  # per object: one colour copied from the background
-    "p_background_patch": 0.6,  # per low-contrast object: a touching patch of its colour
+    "large_size": [48, 88],
+    "p_small": 0.25,  # probability that an object (or group) is drawn from small_size
+    "aspect_max": 1.3,  # longer / shorter object axis is drawn from [1, aspect_max]
+    "max_tilt": 30.0,  # degrees of rotation away from a quarter turn (45 = any angle)
+    "p_low_contrast": 0.6,  # per object: the colour contrast to the background vanishes in places
+    "p_camouflage": 0.25,  # share of low-contrast objects coloured like the background
+    "p_background_patch": 0.25,  # share with a touching blob of their colour (the rest: halo)
     "p_overlap_same_class": 0.5,  # per image: a group of overlapping same-class objects
     "group_size": [2, 3],
     "group_spacing": [0.45, 0.8],  # centre distance / (sum of the two half extents)
+    "placement_tries": 8,  # centre candidates per object outside the same-class group
+    "spread_spacing": 1.0,  # wanted centre distance / (sum of half extents) for those objects
     "min_visible_area": 16,  # instances with fewer visible pixels are removed
     "background_knots": 4,  # the colour field is interpolated from a knots x knots grid
-    "background_grain": 14.0,  # amplitude of the background grain, in grey levels
+    "background_variation": 0.3,  # colour spread of the field's knots (0 flat, 1 unrelated)
+    "background_grain": 8.0,  # amplitude of the background grain, in grey levels
     "background_clutter": 3,  # at most this many unannotated ellipses
+    "texture_contrast": 0.3,  # relative brightness step between an object's two colours
     "noise_std": 5.0,  # Gaussian pixel noise over the whole image
     "preview_images": 16,
 }
 
 _INT_KEYS = ("seed", "num_train", "num_val", "image_size", "num_classes", "min_objects",
-             "max_objects", "min_visible_area", "background_knots", "background_clutter",
+             "max_objects", "min_visible_area", "placement_tries", "background_knots", "background_clutter",
              "preview_images")
-_PROB_KEYS = ("p_small", "p_low_contrast", "p_background_patch", "p_overlap_same_class")
+_PROB_KEYS = ("p_small", "p_low_contrast", "p_camouflage", "p_background_patch",
+              "p_overlap_same_class")
 _PAIR_KEYS = ("small_size", "large_size", "group_size", "group_spacing")
 _WHERE = "params.yaml: synthetic"
 
@@ -91,7 +98,8 @@ def resolve_synthetic_cfg(cfg: dict | None) -> dict[str, Any]:
         out[key] = int(out[key])
         if out[key] < 0:
             fail(key, "must be >= 0")
-    for key in (*_PROB_KEYS, "aspect_max", "max_tilt", "background_grain", "noise_std"):
+    for key in (*_PROB_KEYS, "aspect_max", "max_tilt", "spread_spacing",
+                "texture_contrast", "background_variation", "background_grain", "noise_std"):
         if isinstance(out[key], bool) or not isinstance(out[key], (int, float)):
             fail(key, "must be a number")
         out[key] = float(out[key])
@@ -114,8 +122,16 @@ def resolve_synthetic_cfg(cfg: dict | None) -> dict[str, Any]:
         fail("num_train" if out["num_train"] < 1 else "num_val", "must be at least 1")
     if not 1 <= out["min_objects"] <= out["max_objects"]:
         fail("min_objects", "must satisfy 1 <= min_objects <= max_objects")
+    if out["min_visible_area"] < 1:
+        fail("min_visible_area", "must be at least 1 (annotations are never empty)")
     if out["aspect_max"] < 1.0:
         fail("aspect_max", "must be >= 1")
+    if out["p_camouflage"] + out["p_background_patch"] > 1.0:
+        fail("p_background_patch", "p_camouflage + p_background_patch must be <= 1")
+    if not 0.0 <= out["background_variation"] <= 1.0:
+        fail("background_variation", "must be in [0, 1]")
+    if not 0.0 <= out["texture_contrast"] < 1.0:
+        fail("texture_contrast", "must be in [0, 1)")
     if not 0.0 <= out["max_tilt"] <= 45.0:
         fail("max_tilt", "must be in [0, 45] degrees")
     if out["background_knots"] < 2:
@@ -144,9 +160,7 @@ class _Instance:
     weight: np.ndarray  # texture mixing weight, window-sized
     primary: np.ndarray
     secondary: np.ndarray
-    low_contrast: bool
-    match_primary: bool  # which colour is copied from the background
-    patch: bool
+    contrast_mode: str  # "" (normal), "halo", "patch" or "camouflage"
     centre: np.ndarray
     half_major: float
 
@@ -157,12 +171,11 @@ class _Instance:
         return mask
 
 
-def _place(rng: np.random.Generator, cfg: dict, class_index: int, size_range: list,
+def _place(rng: np.random.Generator, cfg: dict, class_index: int, half_major: float,
            centre: np.ndarray) -> _Instance:
-    """Rasterise one instance of ``class_index`` with its extent drawn from ``size_range``."""
+    """Rasterise one instance of ``class_index`` whose longer half axis is ``half_major``."""
     spec = shapes.CLASS_SPECS[class_index]
     size = cfg["image_size"]
-    half_major = rng.uniform(*size_range) / 2.0
     half_minor = half_major / rng.uniform(1.0, cfg["aspect_max"])
     a, b = (half_major, half_minor) if rng.random() < 0.5 else (half_minor, half_major)
     # Quarter turns plus a tilt: every orientation occurs, axis-near ones more often.
@@ -170,10 +183,12 @@ def _place(rng: np.random.Generator, cfg: dict, class_index: int, size_range: li
     params = shapes.sample_shape_params(spec.shape, rng)
     period = spec.period * rng.uniform(0.85, 1.15)
     phase = rng.uniform(0.0, 2 * np.pi)
-    primary, secondary = shapes.class_colours(spec, rng)
-    low_contrast = bool(rng.random() < cfg["p_low_contrast"])
-    match_primary = bool(rng.random() < 0.5)
-    patch = low_contrast and bool(rng.random() < cfg["p_background_patch"])
+    primary, secondary = shapes.class_colours(spec, rng, cfg["texture_contrast"])
+    contrast_mode = ""
+    if rng.random() < cfg["p_low_contrast"]:
+        draw = rng.random()
+        contrast_mode = ("camouflage" if draw < cfg["p_camouflage"] else
+                         "patch" if draw < cfg["p_camouflage"] + cfg["p_background_patch"] else "halo")
 
     reach = np.hypot(a, b)
     x0, x1 = max(int(centre[0] - reach), 0), min(int(np.ceil(centre[0] + reach)) + 1, size)
@@ -186,40 +201,58 @@ def _place(rng: np.random.Generator, cfg: dict, class_index: int, size_range: li
     footprint = shapes.shape_mask(spec.shape, u, v, params)
     weight = shapes.texture(spec, xl, yl, u, period, phase)
     return _Instance(class_index, (y0, y1, x0, x1), footprint, weight, primary, secondary,
-                     low_contrast, match_primary, patch, centre, half_major)
+                     contrast_mode, centre, half_major)
 
 
 def _layout(rng: np.random.Generator, cfg: dict) -> list[_Instance]:
-    """Objects of one image in depth order (back to front), before occlusion culling."""
+    """Objects of one image in depth order (back to front), before occlusion culling.
+
+    Overlap is concentrated in the same-class group (the phenomenon under test):
+    other objects try ``placement_tries`` centres and take the first one that keeps
+    ``spread_spacing`` times the summed half extents from every placed object (else
+    the farthest try), so they occlude each other less than uniform placement would.
+    """
     size = cfg["image_size"]
     count = int(rng.integers(cfg["min_objects"], cfg["max_objects"] + 1))
     placed: list[_Instance] = []
 
-    def size_range() -> list:
-        return cfg["small_size"] if rng.random() < cfg["p_small"] else cfg["large_size"]
+    def half_extent(extent_range: list | None = None) -> float:
+        if extent_range is None:
+            extent_range = cfg["small_size"] if rng.random() < cfg["p_small"] else cfg["large_size"]
+        return rng.uniform(*extent_range) / 2.0
 
-    def random_centre(half_extent: float) -> np.ndarray:
-        margin = min(0.6 * half_extent, size / 2.0)
+    def random_centre(half_major: float) -> np.ndarray:
+        margin = min(0.6 * half_major, size / 2.0)
         return rng.uniform(margin, size - margin, 2)
 
     if count >= 2 and rng.random() < cfg["p_overlap_same_class"]:
         lo, hi = cfg["group_size"]
         members = min(int(rng.integers(lo, hi + 1)), count)
         class_index = int(rng.integers(cfg["num_classes"]))
-        extent = size_range()
-        first = _place(rng, cfg, class_index, extent, random_centre(extent[1] / 2.0))
-        placed.append(first)
+        extent_range = cfg["small_size"] if rng.random() < cfg["p_small"] else cfg["large_size"]
+        first = half_extent(extent_range)
+        placed.append(_place(rng, cfg, class_index, first, random_centre(first)))
         for _ in range(members - 1):
             anchor = placed[int(rng.integers(len(placed)))]
+            half_major = half_extent(extent_range)
             direction = rng.uniform(0.0, 2 * np.pi)
-            distance = rng.uniform(*cfg["group_spacing"]) * 2 * anchor.half_major
+            distance = rng.uniform(*cfg["group_spacing"]) * (anchor.half_major + half_major)
             centre = np.clip(anchor.centre + distance * np.array([np.cos(direction), np.sin(direction)]),
                              0.0, size - 1.0)
-            placed.append(_place(rng, cfg, class_index, extent, centre))
+            placed.append(_place(rng, cfg, class_index, half_major, centre))
     while len(placed) < count:
-        extent = size_range()
         class_index = int(rng.integers(cfg["num_classes"]))
-        placed.append(_place(rng, cfg, class_index, extent, random_centre(extent[1] / 2.0)))
+        half_major = half_extent()
+        best, best_score = None, -np.inf
+        for _ in range(max(cfg["placement_tries"], 1)):
+            centre = random_centre(half_major)
+            score = min((np.linalg.norm(centre - p.centre) / (p.half_major + half_major) for p in placed),
+                        default=np.inf)
+            if score > best_score:
+                best, best_score = centre, score
+            if score >= cfg["spread_spacing"]:
+                break
+        placed.append(_place(rng, cfg, class_index, half_major, best))
     return [placed[i] for i in rng.permutation(len(placed))]
 
 
@@ -246,34 +279,44 @@ def generate_image(rng: np.random.Generator, cfg: dict | None = None
             covered |= full
     kept.reverse()
 
-    canvas = shapes.background(rng, size, cfg["background_knots"], cfg["background_grain"],
-                               cfg["background_clutter"])
+    canvas = shapes.background(rng, size, cfg["background_knots"], cfg["background_variation"],
+                               cfg["background_grain"], cfg["background_clutter"])
+    # Low contrast, three ways. Halo: the background fades into the object's mean
+    # colour around a point near its outline. Patch: an unannotated blob of that
+    # colour touches the object. In both, stride-4 colour affinity sees no edge
+    # there and leaks out of the object, while the object keeps its class tint.
+    # Camouflage: both object colours are shifted so that its mean colour equals
+    # the background at one of its pixels; only texture and shape separate it.
     for inst, visible in kept:
-        if not inst.low_contrast:
+        if not inst.contrast_mode:
             continue
-        ys, xs = np.nonzero(visible)
-        pick = int(rng.integers(len(ys)))
-        local_bg = np.clip(canvas[ys[pick], xs[pick]] + rng.normal(0.0, 4.0, 3), 0.0, 255.0)
-        if inst.match_primary:
-            inst.primary = local_bg
+        mean_weight = float(inst.weight[inst.footprint].mean())
+        mean_colour = inst.primary * (1.0 - mean_weight) + inst.secondary * mean_weight
+        direction = rng.uniform(0.0, 2 * np.pi)
+        unit = np.array([np.cos(direction), np.sin(direction)])
+        if inst.contrast_mode == "camouflage":
+            ys, xs = np.nonzero(visible)
+            pick = int(rng.integers(len(ys)))
+            shift = canvas[ys[pick], xs[pick]] - mean_colour
+            inst.primary = np.clip(inst.primary + shift, 0.0, 255.0)
+            inst.secondary = np.clip(inst.secondary + shift, 0.0, 255.0)
+        elif inst.contrast_mode == "halo":
+            centre = inst.centre + rng.uniform(0.6, 1.0) * inst.half_major * unit
+            shapes.blend_halo(canvas, centre, rng.uniform(0.45, 0.75) * inst.half_major, mean_colour)
         else:
-            inst.secondary = local_bg
-    for inst, _ in kept:
-        if inst.patch:
-            direction = rng.uniform(0.0, 2 * np.pi)
-            offset = rng.uniform(0.5, 0.9) * inst.half_major
-            centre = inst.centre + offset * np.array([np.cos(direction), np.sin(direction)])
+            centre = inst.centre + rng.uniform(0.5, 0.9) * inst.half_major * unit
             axes = inst.half_major * np.array([rng.uniform(0.3, 0.6), rng.uniform(0.2, 0.45)])
-            colour = inst.secondary if inst.match_primary else inst.primary
-            shapes.paint_ellipse(canvas, centre, np.maximum(axes, 2.0), rng.uniform(0, np.pi), colour)
+            shapes.paint_ellipse(canvas, centre, np.maximum(axes, 2.0), rng.uniform(0, np.pi),
+                                 mean_colour + rng.normal(0.0, 3.0, 3))
     for inst, _ in kept:
         y0, y1, x0, x1 = inst.window
-        w = inst.weight[..., None]
-        colour = inst.primary * (1.0 - w) + inst.secondary * w
-        canvas[y0:y1, x0:x1][inst.footprint] = colour[inst.footprint]
+        w = inst.weight[inst.footprint][:, None]
+        canvas[y0:y1, x0:x1][inst.footprint] = inst.primary + (inst.secondary - inst.primary) * w
+    canvas = canvas.astype(np.float32)
     if cfg["noise_std"] > 0:
-        canvas += rng.normal(0.0, cfg["noise_std"], canvas.shape)
-    image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+        canvas += np.float32(cfg["noise_std"]) * rng.standard_normal(canvas.shape, dtype=np.float32)
+    np.rint(canvas, out=canvas)
+    image = np.clip(canvas, 0, 255, out=canvas).astype(np.uint8)
     return image, [(inst.class_index + 1, visible) for inst, visible in kept]
 
 
@@ -317,54 +360,7 @@ def write_synthetic(out_dir: Path, cfg: dict) -> None:
                           {"info": info, "licenses": [], "images": images,
                            "annotations": annotations, "categories": cats}, indent=None)
     if preview:
-        atomic_write_bytes(out_dir / "preview.png", render_preview(preview, cats))
-
-
-_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-            (145, 30, 180), (70, 240, 240), (240, 50, 230), (250, 250, 250), (0, 0, 0))
-
-
-def render_preview(samples: list[tuple[np.ndarray, list[tuple[int, np.ndarray]]]],
-                   cats: list[dict[str, Any]], scale: int = 2) -> bytes:
-    """PNG bytes of a grid of images with each instance's box and mask outline.
-
-    Each instance gets its own palette colour (box, outline and class name), so
-    overlapping same-class instances can be told apart.
-    """
-    import io
-
-    names = {c["id"]: c["name"] for c in cats}
-    cols = int(np.ceil(np.sqrt(len(samples))))
-    rows = int(np.ceil(len(samples) / cols))
-    tile = samples[0][0].shape[0] * scale
-    gap = 4
-    sheet = Image.new("RGB", (cols * (tile + gap) + gap, rows * (tile + gap) + gap), (40, 40, 40))
-    for k, (image, objects) in enumerate(samples):
-        big = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1).copy()
-        boxes = []
-        for n, (category_id, mask) in enumerate(objects):
-            colour = np.array(_PALETTE[n % len(_PALETTE)], dtype=np.uint8)
-            m = np.repeat(np.repeat(mask, scale, axis=0), scale, axis=1)
-            inner = m.copy()
-            inner[1:, :] &= m[:-1, :]
-            inner[:-1, :] &= m[1:, :]
-            inner[:, 1:] &= m[:, :-1]
-            inner[:, :-1] &= m[:, 1:]
-            big[m & ~inner] = colour
-            ys, xs = np.nonzero(mask)
-            boxes.append((xs.min(), ys.min(), xs.max(), ys.max(), tuple(int(c) for c in colour),
-                          names[category_id]))
-        tile_img = Image.fromarray(big)
-        draw = ImageDraw.Draw(tile_img)
-        for x0, y0, x1, y1, colour, name in boxes:
-            draw.rectangle((x0 * scale, y0 * scale, (x1 + 1) * scale - 1, (y1 + 1) * scale - 1),
-                           outline=colour)
-            draw.text((x0 * scale + 2, y0 * scale + 1), name, fill=colour)
-        r, c = divmod(k, cols)
-        sheet.paste(tile_img, (gap + c * (tile + gap), gap + r * (tile + gap)))
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
-    return buffer.getvalue()
+        atomic_write_bytes(out_dir / "preview.png", shapes.render_preview(preview, cats))
 
 
 def box_fill_iou(annotations: list[dict[str, Any]]) -> np.ndarray:

@@ -12,6 +12,8 @@ box-supervised methods (see ``synthetic.py``):
 * backgrounds are smooth colour fields plus grain, clutter and pixel noise, so
   "everything that differs from a flat colour is object" does not work.
 
+``render_preview`` draws the dataset's preview sheet (boxes and mask outlines).
+
 Shapes are defined in a normalised object frame ``(u, v)`` in ``[-1, 1]^2``;
 textures in the rotated object frame measured in pixels, so that texture
 frequency does not depend on object size.
@@ -20,9 +22,12 @@ from __future__ import annotations
 
 import colorsys
 import functools
+import io
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 SHAPES = ("ring", "crescent", "cross", "star", "l_shape", "u_shape")
 TEXTURES = ("stripes", "dots", "checker", "gradient", "fine_stripes", "waves")
@@ -144,17 +149,20 @@ def hsv_to_rgb255(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float64) * 255.0
 
 
-def class_colours(spec: ClassSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def class_colours(spec: ClassSpec, rng: np.random.Generator, contrast: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Primary and secondary colour of an instance, drawn around the class tint.
 
-    The secondary colour has the same hue and a clearly different brightness,
-    so the texture stays visible whatever the primary colour is.
+    The secondary colour has the same hue and a brightness differing by about
+    ``contrast`` (relative), so the texture is visible but an object is still
+    mostly self-similar to colour-affinity cues, as real objects are.
     """
     hue = spec.hue + rng.uniform(-0.05, 0.05)
     sat = rng.uniform(0.45, 0.9)
     val = rng.uniform(0.55, 0.95)
     primary = hsv_to_rgb255(hue, sat, val)
-    factor = rng.uniform(0.45, 0.65) if val > 0.7 else rng.uniform(1.35, 1.6)
+    step = contrast * rng.uniform(0.8, 1.2)
+    factor = 1.0 - step if val > 0.7 else 1.0 + step
     secondary = hsv_to_rgb255(hue, sat * rng.uniform(0.7, 1.0), min(val * factor, 1.0))
     return primary, secondary
 
@@ -179,25 +187,32 @@ def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return yy, xx
 
 
-def background(rng: np.random.Generator, size: int, knots: int, grain: float, clutter: int) -> np.ndarray:
+def background(rng: np.random.Generator, size: int, knots: int, variation: float, grain: float,
+               clutter: int) -> np.ndarray:
     """A textured float RGB background ``[size, size, 3]`` in [0, 255].
 
-    A bilinear colour field over a ``knots x knots`` grid of related, mostly
-    desaturated colours, plus a sinusoidal grain of random orientation and
-    period, plus up to ``clutter`` unannotated ellipses (convex distractors).
+    A bilinear colour field over a ``knots x knots`` grid of colours spread by
+    ``variation`` (0 = flat, 1 = unrelated knots) around a mostly desaturated
+    base colour, plus a sinusoidal grain of random orientation and period, plus
+    up to ``clutter`` unannotated ellipses (convex distractors). The field is
+    gentle enough that neighbouring background pixels are often colour-similar,
+    as in real photographs, so colour affinity is informative except where an
+    object is camouflaged.
     """
-    base_hue = rng.uniform(0.0, 1.0)
+    base_hue, base_sat, base_val = rng.uniform(0.0, 1.0), rng.uniform(0.05, 0.5), rng.uniform(0.3, 0.85)
     grid = np.empty((knots, knots, 3))
     for i in range(knots):
         for j in range(knots):
             grid[i, j] = hsv_to_rgb255(
-                base_hue + rng.uniform(-0.12, 0.12), rng.uniform(0.05, 0.5), rng.uniform(0.3, 0.9)
+                base_hue + variation * rng.uniform(-0.12, 0.12),
+                float(np.clip(base_sat + variation * rng.uniform(-0.25, 0.25), 0.0, 1.0)),
+                float(np.clip(base_val + variation * rng.uniform(-0.3, 0.3), 0.1, 1.0)),
             )
     interp = _interpolation_matrix(size, knots)
     rows = (interp @ grid.reshape(knots, -1)).reshape(size, knots, 3)  # [y, knot_x, c]
     field = np.matmul(interp[None], rows)  # [y, x, c]
     yy, xx = _pixel_grid(size)
-    angle, period = rng.uniform(0, np.pi), rng.uniform(7.0, 20.0)
+    angle, period = rng.uniform(0, np.pi), rng.uniform(10.0, 30.0)
     along = xx * np.cos(angle) + yy * np.sin(angle)
     wobble = 2.0 * np.sin(2 * np.pi * (xx * np.sin(angle) - yy * np.cos(angle)) / rng.uniform(20, 60))
     amplitude = rng.uniform(0.3, 1.0) * grain
@@ -223,3 +238,68 @@ def paint_ellipse(
     c, s = np.cos(angle), np.sin(angle)
     inside = ((dx * c + dy * s) / axes[0]) ** 2 + ((-dx * s + dy * c) / axes[1]) ** 2 <= 1.0
     canvas[y0:y1, x0:x1][inside] = colour
+
+
+def blend_halo(canvas: np.ndarray, centre: np.ndarray, sigma: float, colour: np.ndarray) -> None:
+    """Blend ``colour`` into ``canvas`` in place around ``centre`` (weight 1 in the middle).
+
+    Used to make the background take an object's colour on one side of it: there
+    the object edge has no colour contrast, while the rest of the outline does.
+    """
+    size_y, size_x = canvas.shape[:2]
+    reach = 3.5 * sigma
+    x0, x1 = max(int(centre[0] - reach), 0), min(int(centre[0] + reach) + 1, size_x)
+    y0, y1 = max(int(centre[1] - reach), 0), min(int(centre[1] + reach) + 1, size_y)
+    if x0 >= x1 or y0 >= y1:
+        return
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+    # Flat top (weight 1 within about 1.2 sigma), Gaussian fall-off outside.
+    weight = np.minimum(2.0 * np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2)
+                                     / (2.0 * sigma * sigma)), 1.0)[..., None]
+    window = canvas[y0:y1, x0:x1]
+    window += weight * (colour - window)
+
+
+_PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+            (145, 30, 180), (70, 240, 240), (240, 50, 230), (250, 250, 250), (0, 0, 0))
+
+
+def render_preview(samples: list[tuple[np.ndarray, list[tuple[int, np.ndarray]]]],
+                   cats: list[dict[str, Any]], scale: int = 2) -> bytes:
+    """PNG bytes of a grid of images with each instance's box and mask outline.
+
+    Each instance gets its own palette colour (box, outline and class name), so
+    overlapping same-class instances can be told apart.
+    """
+    names = {c["id"]: c["name"] for c in cats}
+    cols = int(np.ceil(np.sqrt(len(samples))))
+    rows = int(np.ceil(len(samples) / cols))
+    tile = samples[0][0].shape[0] * scale
+    gap = 4
+    sheet = Image.new("RGB", (cols * (tile + gap) + gap, rows * (tile + gap) + gap), (40, 40, 40))
+    for k, (image, objects) in enumerate(samples):
+        big = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1).copy()
+        boxes = []
+        for n, (category_id, mask) in enumerate(objects):
+            colour = np.array(_PALETTE[n % len(_PALETTE)], dtype=np.uint8)
+            m = np.repeat(np.repeat(mask, scale, axis=0), scale, axis=1)
+            inner = m.copy()
+            inner[1:, :] &= m[:-1, :]
+            inner[:-1, :] &= m[1:, :]
+            inner[:, 1:] &= m[:, :-1]
+            inner[:, :-1] &= m[:, 1:]
+            big[m & ~inner] = colour
+            ys, xs = np.nonzero(mask)
+            boxes.append((xs.min(), ys.min(), xs.max(), ys.max(), tuple(int(c) for c in colour),
+                          names[category_id]))
+        tile_img = Image.fromarray(big)
+        draw = ImageDraw.Draw(tile_img)
+        for x0, y0, x1, y1, colour, name in boxes:
+            draw.rectangle((x0 * scale, y0 * scale, (x1 + 1) * scale - 1, (y1 + 1) * scale - 1),
+                           outline=colour)
+            draw.text((x0 * scale + 2, y0 * scale + 1), name, fill=colour)
+        r, c = divmod(k, cols)
+        sheet.paste(tile_img, (gap + c * (tile + gap), gap + r * (tile + gap)))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -22,6 +22,9 @@ Conventions, all COCO's own:
 - for "segm" a result's ``bbox`` is dropped before ``loadRes``, otherwise the
   detection's area would be its box area (detectron2 and mmdetection do the
   same);
+- values are rounded to 12 decimals: pycocotools computes precision as
+  tp / (tp + fp + eps), so a perfect result would otherwise read
+  0.9999999999999998; the rounding removes only that artefact;
 - an empty results list is valid and scores 0 wherever ground truth exists
   (pycocotools' ``loadRes`` fails on an empty list, so it is built directly).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -41,6 +45,7 @@ from sim_core.evaluation.results import (
     IOU_TYPES,
     check_gt_for_eval,
     check_results,
+    fill_gt_defaults,
     load_json,
     normalise_results,
 )
@@ -63,6 +68,7 @@ class EvalResult:
 
     metrics: dict[str, dict[str, float | None]]
     summaries: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, list[float]] = field(default_factory=dict)  # the library's own ``stats`` (with -1)
 
     @property
     def summary(self) -> str:
@@ -146,6 +152,7 @@ def run_coco_eval(
     loaded: dict[str, tuple[str, list]] = {}
     metrics: dict[str, dict[str, float | None]] = {}
     summaries: dict[str, str] = {}
+    stats: dict[str, list[float]] = {}
     for iou_type in iou_types:
         source = _pick(results, iou_type)
         key = str(source) if isinstance(source, (str, Path)) else f"<list {id(source)}>"
@@ -156,10 +163,10 @@ def run_coco_eval(
         where, records = loaded[key]
         check_results(records, gt, where, iou_type)
         dt_api = _make_results(gt_api, normalise_results(records, iou_type), backend)
-        precision, params, text = _evaluate(gt_api, dt_api, iou_type, backend, thresholds)
+        precision, params, text, stats[iou_type] = _evaluate(gt_api, dt_api, iou_type, backend, thresholds)
         metrics[iou_type] = _metrics(precision, params, requested)
         summaries[iou_type] = text + "\n" + _format(metrics[iou_type])
-    return EvalResult(metrics, summaries)
+    return EvalResult(metrics, summaries, stats)
 
 
 def _pick(results: ResultsLike, iou_type: str) -> Any:
@@ -186,7 +193,11 @@ def _thresholds(iou_thrs: Sequence[float] | None) -> tuple[np.ndarray, list[floa
 
 
 def _make_gt(gt: dict, backend: str):
-    data = copy.deepcopy(gt)
+    try:  # a JSON round trip copies a large COCO dict several times faster than deepcopy
+        data = json.loads(json.dumps(gt))
+    except (TypeError, ValueError):
+        data = copy.deepcopy(gt)
+    fill_gt_defaults(data)
     with _quiet():
         if backend == "pycocotools":
             from pycocotools.coco import COCO
@@ -231,7 +242,8 @@ def _evaluate(gt_api, dt_api, iou_type: str, backend: str, thresholds: np.ndarra
         evaluator.summarize()
     text = buffer.getvalue() + "\n".join(lines)
     summary = "\n".join(line for line in text.splitlines() if line.lstrip().startswith("Average"))
-    return np.asarray(evaluator.eval["precision"]), evaluator.params, summary
+    stats = [float(v) for v in np.asarray(evaluator.stats).ravel()]
+    return np.asarray(evaluator.eval["precision"]), evaluator.params, summary, stats
 
 
 def _metrics(precision: np.ndarray, params, requested: list[float] | None) -> dict[str, float | None]:
@@ -243,7 +255,7 @@ def _metrics(precision: np.ndarray, params, requested: list[float] | None) -> di
         t_idx = [int(np.flatnonzero(np.isclose(thrs, t, atol=1e-9))[0]) for t in thr_values]
         s = precision[t_idx][:, :, :, area_labels.index(area), m]
         valid = s[s > -1]
-        return float(valid.mean()) if valid.size else None
+        return round(float(valid.mean()), 12) if valid.size else None
 
     out: dict[str, float | None] = {}
     has_coco = all(np.isclose(thrs, t, atol=1e-9).any() for t in COCO_THRESHOLDS)

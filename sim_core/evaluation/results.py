@@ -103,18 +103,22 @@ def gt_index(gt: dict, where: str | Path = "ground truth") -> tuple[dict[int, tu
 
 
 def check_gt_for_eval(gt: dict, where: str | Path, iou_types: Iterable[str]) -> None:
-    """Check the annotation fields COCOeval reads, so it cannot fail half-way with a KeyError."""
+    """Check the annotation fields COCOeval reads, so it cannot fail half-way with a KeyError.
+
+    ``iscrowd`` and ``area`` may be missing: :func:`fill_gt_defaults` supplies
+    them as the dataset loader does (0, and the mask's pixel area).
+    """
     sizes, cats = gt_index(gt, where)
     anns = gt.get("annotations")
     if not isinstance(anns, list):
         raise InputError(where, "ground truth has no 'annotations' list")
-    keys = ["id", "image_id", "category_id", "bbox", "area"]
-    if "segm" in iou_types:
+    keys = ["id", "image_id", "category_id", "bbox"]
+    if "segm" in iou_types or any(isinstance(a, dict) and "area" not in a for a in anns):
         keys.append("segmentation")
     for i, ann in enumerate(anns):
-        record = f"annotations[{i}] (id {ann.get('id') if isinstance(ann, dict) else '?'})"
         if not isinstance(ann, dict):
             raise InputError(where, "annotation is not an object", record=f"annotations[{i}]")
+        record = f"annotations[{i}] (id {ann.get('id')})"
         missing = [k for k in keys if k not in ann]
         if missing:
             raise InputError(where, f"annotation lacks {', '.join(missing)} (needed by COCO evaluation)", record=record)
@@ -122,6 +126,24 @@ def check_gt_for_eval(gt: dict, where: str | Path, iou_types: Iterable[str]) -> 
             raise InputError(where, f"image_id {ann['image_id']} is not in 'images'", record=record)
         if ann["category_id"] not in cats:
             raise InputError(where, f"category_id {ann['category_id']} is not in 'categories'", record=record)
+        _check_bbox(where, record, ann["bbox"])
+
+
+def fill_gt_defaults(gt: dict) -> dict:
+    """Fill a missing ``iscrowd`` (0) and ``area`` (mask pixels) in place; returns ``gt``."""
+    sizes = {int(img["id"]): (int(img["height"]), int(img["width"])) for img in gt["images"]}
+    for ann in gt["annotations"]:
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            h, w = sizes[int(ann["image_id"])]
+            seg = ann["segmentation"]
+            if isinstance(seg, list):
+                rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+            else:
+                rle = compress_rle(seg)
+                rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+            ann["area"] = float(mask_utils.area(rle))
+    return gt
 
 
 def check_results(results: Any, gt: dict, path: str | Path, iou_type: str | None = None) -> None:
@@ -147,7 +169,8 @@ def check_results(results: Any, gt: dict, path: str | Path, iou_type: str | None
         record = f"record {i} (image_id {rec.get('image_id')})"
         missing = [k for k in required if k not in rec]
         if missing:
-            raise InputError(path, f"missing key(s) {', '.join(missing)}", record=record)
+            needed = f" (needed for {iou_type} evaluation)" if iou_type else ""
+            raise InputError(path, f"missing key(s) {', '.join(missing)}{needed}", record=record)
         if iou_type is None and "segmentation" not in rec and "bbox" not in rec:
             raise InputError(path, "record has neither 'segmentation' nor 'bbox'", record=record)
         image_id = rec["image_id"]

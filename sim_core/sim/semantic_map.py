@@ -5,7 +5,7 @@ For a GT box of class ``c`` (paper Eq. 3)
     M_S(i) = sigmoid( max_l cos(z'_i, p^c_l) / tau ),   tau = 0.1,
 
 with ``z'`` the *teacher's* mask features (the mask-branch output, stride 8)
-brought to the mask stride 4 of the instance masks, and ``p^c_l`` the class's
+brought to the mask stride 4 of the instance masks (aligned bilinear x2), and ``p^c_l`` the class's
 prototypes. The max over the L prototypes lets any of the class's looks
 claim the pixel. The temperature sharpens cosine similarities (which live in
 [-1, 1]) into probabilities that can cross the pseudo-label thresholds; the
@@ -21,11 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sim_core.model.mask_head import aligned_bilinear
+
 
 def upsample_features(feats: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of ``[B, D, h, w]`` features to the mask resolution ``size``."""
-    if tuple(feats.shape[-2:]) == tuple(size):
+    """Resize ``[B, D, h, w]`` features to the mask resolution ``size``.
+
+    An integer factor uses the detector's aligned bilinear upsampling, the
+    same one that brings the instance mask logits from stride 8 to 4, so
+    ``M_S`` and the predicted masks share one pixel grid.
+    """
+    h, w = feats.shape[-2:]
+    if (h, w) == tuple(size):
         return feats
+    factor = size[0] // h
+    if factor * h == size[0] and factor * w == size[1]:
+        return aligned_bilinear(feats, factor)
     return F.interpolate(feats, size=size, mode="bilinear", align_corners=False)
 
 

@@ -1,0 +1,228 @@
+"""BoxInst's mask supervision (Tian et al., CVPR 2021) on the shared detector.
+
+Two terms supervise the instance masks from boxes alone:
+
+* **projection**: the mask's maximum along y must match the box's, and so
+  must its maximum along x (Dice loss on each 1-D projection). This pins the
+  mask to the box's extent without saying which pixels inside are object.
+* **pairwise**: two neighbouring pixels (3x3 window, dilation 2) whose
+  colours are similar (LAB similarity >= 0.3) should get the same label;
+  the loss is ``-log P(same)`` with ``P(same) = p_i p_j + (1-p_i)(1-p_j)``,
+  averaged over the pairs whose centre lies in the GT box. Its weight ramps
+  up linearly over the first 10k of 90k iterations (same fraction of any
+  schedule), because early masks are noise and the term would only teach
+  "all pixels agree".
+
+Pieces are public so SIM can reuse them: :func:`projection_loss`,
+:func:`pairwise_log_same`, :func:`pairwise_loss` (which accepts an extra
+per-pair weight, for the feature-similarity factor of SIM's released code),
+:func:`color_similarity` and :func:`pairwise_warmup_weight`.
+
+Choices where the paper is silent follow AdelaiDet (the authors' code): the
+projection loss is averaged over instances, the pairwise loss is normalised
+by the number (sum of weights) of selected pairs clamped at 1, and only the
+neighbour's validity is applied to a pair (see ``baselines/lab.py``).
+One deliberate addition: a pair is also dropped when its similarity is
+exactly 0 (an invalid neighbour), so a colour threshold of 0 still ignores
+padding; with the default threshold 0.3 this changes nothing.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from baselines.lab import batch_color_similarity, color_similarity, unfold_neighbours
+from sim_core.errors import InputError
+from sim_core.model.mask_inputs import MaskLossInputs, dice_loss, zero_loss
+
+__all__ = [
+    "DEFAULTS",
+    "BoxInstLoss",
+    "resolve_config",
+    "projection_loss",
+    "pairwise_log_same",
+    "pairwise_loss",
+    "pairwise_warmup_weight",
+    "color_similarity",
+]
+
+DEFAULTS: dict[str, Any] = {
+    "projection_weight": 1.0,
+    "pairwise_weight": 1.0,
+    "pairwise_color_thresh": 0.3,
+    "pairwise_kernel": 3,
+    "pairwise_dilation": 2,
+    "pairwise_warmup_frac": 10000 / 90000,
+    "ignore_bottom_px": 10,
+}
+
+
+# Keys the trainer adds to every method's section (context, not settings).
+CONTEXT_KEYS = ("mask_feat_channels",)
+
+
+def resolve_config(cfg: Mapping[str, Any] | None, defaults: Mapping[str, Any],
+                   section: str) -> dict[str, Any]:
+    """``defaults`` updated with ``cfg``; unknown keys and wrong types are an InputError.
+
+    A typo in a params key would otherwise silently train with the default.
+    :data:`CONTEXT_KEYS` are accepted and dropped when ``defaults`` lacks them.
+    """
+    resolved = dict(defaults)
+    for key, value in (cfg or {}).items():
+        if key in CONTEXT_KEYS and key not in defaults:
+            continue
+        if key not in defaults:
+            raise InputError(f"params: {section}", f"unknown key {key!r}; known keys: "
+                             + ", ".join(sorted(defaults)))
+        default = defaults[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise InputError(f"params: {section}", f"{key} must be a {type(default).__name__}, "
+                             f"got {value!r}")
+        resolved[key] = value
+    for key in ("projection_weight", "pairwise_weight", "pairwise_color_thresh",
+                "pairwise_warmup_frac", "ignore_bottom_px"):
+        if key in resolved and resolved[key] < 0:
+            raise InputError(f"params: {section}", f"{key} must be >= 0, got {resolved[key]!r}")
+    if "pairwise_kernel" in resolved and (resolved["pairwise_kernel"] < 3
+                                          or resolved["pairwise_kernel"] % 2 == 0):
+        raise InputError(f"params: {section}", "pairwise_kernel must be an odd number >= 3, "
+                         f"got {resolved['pairwise_kernel']!r}")
+    if "pairwise_dilation" in resolved and resolved["pairwise_dilation"] < 1:
+        raise InputError(f"params: {section}", "pairwise_dilation must be >= 1, "
+                         f"got {resolved['pairwise_dilation']!r}")
+    return resolved
+
+
+def projection_loss(mask_probs: Tensor, box_masks: Tensor) -> Tensor:
+    """Dice(max_y m, max_y b) + Dice(max_x m, max_x b) per instance: ``[P]``.
+
+    ``mask_probs`` and ``box_masks`` are ``[P, 1, h, w]`` (or ``[P, h, w]``).
+    """
+    if mask_probs.shape != box_masks.shape:
+        raise ValueError(f"shapes differ: {tuple(mask_probs.shape)} vs {tuple(box_masks.shape)}")
+    boxes = box_masks.to(mask_probs.dtype)
+    along_y = dice_loss(mask_probs.amax(dim=-2), boxes.amax(dim=-2))
+    along_x = dice_loss(mask_probs.amax(dim=-1), boxes.amax(dim=-1))
+    return along_y + along_x
+
+
+def pairwise_log_same(mask_logits: Tensor, kernel: int = 3, dilation: int = 2) -> Tensor:
+    """``log P(same label)`` of every pixel and each neighbour: ``[P, K, h, w]``.
+
+    ``log(p_i p_j + (1-p_i)(1-p_j)) = logaddexp(log p_i + log p_j,
+    log(1-p_i) + log(1-p_j))`` with ``log p = logsigmoid(logit)`` and
+    ``log(1-p) = logsigmoid(-logit)``: finite and accurate for any logit.
+    Neighbours outside the map get logit-space zeros (P(same) = 1); the loss
+    gives them weight 0.
+    """
+    if mask_logits.dim() != 4 or mask_logits.shape[1] != 1:
+        raise ValueError(f"mask_logits must be [P, 1, h, w], got {tuple(mask_logits.shape)}")
+    log_fg = F.logsigmoid(mask_logits)
+    log_bg = F.logsigmoid(-mask_logits)
+    fg_neighbours = unfold_neighbours(log_fg, kernel, dilation)[:, 0]
+    bg_neighbours = unfold_neighbours(log_bg, kernel, dilation)[:, 0]
+    return torch.logaddexp(log_fg + fg_neighbours, log_bg + bg_neighbours)
+
+
+def pairwise_loss(mask_logits: Tensor, similarity: Tensor, box_masks: Tensor,
+                  color_thresh: float = 0.3, kernel: int = 3, dilation: int = 2,
+                  pair_weights: Tensor | None = None) -> Tensor:
+    """Mean ``-log P(same)`` over pairs with similarity >= thresh whose centre is in the box.
+
+    ``similarity`` is ``[P, K, h, w]`` (the image's colour similarity gathered
+    per instance), ``box_masks`` ``[P, h, w]`` or ``[P, 1, h, w]``.
+    ``pair_weights`` (optional, ``[P, K, h, w]``) multiplies each selected
+    pair (e.g. a feature-similarity factor or a 0/1 mask). The normaliser is
+    the sum of the final weights, clamped at 1. Returns a scalar (not ramped).
+    """
+    log_same = pairwise_log_same(mask_logits, kernel, dilation)
+    if similarity.shape != log_same.shape:
+        raise ValueError(f"similarity {tuple(similarity.shape)} does not match pairs "
+                         f"{tuple(log_same.shape)}")
+    boxes = box_masks.reshape(box_masks.shape[0], 1, *box_masks.shape[-2:]).to(log_same.dtype)
+    selected = (similarity >= color_thresh) & (similarity > 0)
+    weights = selected.to(log_same.dtype) * boxes
+    if pair_weights is not None:
+        weights = weights * pair_weights.to(log_same.dtype)
+    return -(log_same * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def pairwise_warmup_weight(iteration: int, max_iter: int, cfg: Mapping[str, Any]) -> float:
+    """``w * min(iteration / (frac * max_iter), 1)``: the pairwise term's ramp."""
+    weight = float(cfg.get("pairwise_weight", DEFAULTS["pairwise_weight"]))
+    frac = float(cfg.get("pairwise_warmup_frac", DEFAULTS["pairwise_warmup_frac"]))
+    ramp_iters = frac * max_iter
+    if ramp_iters <= 0:
+        return weight
+    return weight * min(max(iteration, 0) / ramp_iters, 1.0)
+
+
+class BoxInstLoss(nn.Module):
+    """``forward(MaskLossInputs) -> {"loss_proj", "loss_pairwise"}`` (weighted scalars).
+
+    The terms are computed in float32 whatever the logits' dtype (sums over
+    thousands of pixels overflow float16 under mixed precision).
+    ``projection_term`` / ``pairwise_term`` / ``image_similarity`` are the
+    pieces SIM reuses on the same inputs.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any] | None = None):
+        super().__init__()
+        self.cfg = resolve_config(cfg, DEFAULTS, "boxinst")
+
+    def image_similarity(self, inputs: MaskLossInputs) -> Tensor:
+        """Colour similarity of every image of the batch at mask stride: ``[B, K, h, w]``."""
+        with torch.no_grad():
+            return batch_color_similarity(
+                inputs.images_raw, inputs.image_valid, inputs.mask_stride,
+                self.cfg["pairwise_kernel"], self.cfg["pairwise_dilation"],
+                self.cfg["ignore_bottom_px"])
+
+    def projection_term(self, inputs: MaskLossInputs) -> Tensor:
+        """Weighted mean projection loss over the instances (float32)."""
+        logits = inputs.mask_logits.float()
+        boxes = self._box_masks(inputs, logits)
+        return projection_loss(logits.sigmoid(), boxes).mean() * self.cfg["projection_weight"]
+
+    def pairwise_term(self, inputs: MaskLossInputs, pair_weights: Tensor | None = None) -> Tensor:
+        """Ramped, weighted pairwise loss.
+
+        ``pair_weights`` ``[P, K, h, w]`` multiplies the selected pairs, as in
+        :func:`pairwise_loss`.
+        """
+        cfg = self.cfg
+        logits = inputs.mask_logits.float()
+        boxes = self._box_masks(inputs, logits)
+        similarity = self.image_similarity(inputs)[inputs.im_inds].float()
+        ramp = pairwise_warmup_weight(inputs.iteration, inputs.max_iter, cfg)
+        loss = pairwise_loss(logits, similarity, boxes, cfg["pairwise_color_thresh"],
+                             cfg["pairwise_kernel"], cfg["pairwise_dilation"], pair_weights)
+        return loss * ramp
+
+    def forward(self, inputs: MaskLossInputs) -> dict[str, Tensor]:
+        if inputs.num_instances == 0:
+            zero = zero_loss(inputs.mask_logits)
+            return {"loss_proj": zero, "loss_pairwise": zero.clone()}
+        return {"loss_proj": self.projection_term(inputs),
+                "loss_pairwise": self.pairwise_term(inputs)}
+
+    @staticmethod
+    def _box_masks(inputs: MaskLossInputs, logits: Tensor) -> Tensor:
+        boxes = inputs.gt_boxmasks.unsqueeze(1).to(logits.dtype)
+        if boxes.shape != logits.shape:
+            raise ValueError(f"gt_boxmasks {tuple(inputs.gt_boxmasks.shape)} do not match "
+                             f"mask_logits {tuple(logits.shape)}")
+        return boxes

@@ -1,0 +1,375 @@
+"""LaTeX tables of the report, next to the numbers the papers print.
+
+One function per table; each returns a complete ``table`` float (booktabs
+rules, caption, label, no preamble) that a paper can ``\\input``. Cells are
+built as LaTeX strings and laid out with ``pandas.Styler.to_latex``.
+
+Conventions, the same in every table:
+- values are percentages (metrics.json stores fractions);
+- several seeds print as mean$\\pm$std (sample std, ddof=1); the caption says
+  how many seeds; a row with fewer seeds than configured gets an ``n`` column;
+- the best reproduced value per column is bold (paper rows never compete);
+- a configured run without metrics prints as ``---``, never disappears;
+- a row that uses an imported (external) result is marked with a dagger;
+- paper values appear only when the runs' setting (dataset, split, backbone,
+  schedule) is the paper's; ablation tables on other settings show only the
+  paper's *differences*, which are what a small-scale run can reproduce.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from reports.latex import latex_escape
+from sim_core.errors import InputError
+
+PAPER_NUMBERS_PATH = Path(__file__).with_name("paper_numbers.yaml")
+COCO_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+VOC_COLUMNS = ("AP", "AP25", "AP50", "AP70", "AP75")
+HEADERS = {"AP": "AP", "AP25": "AP$_{25}$", "AP50": "AP$_{50}$", "AP70": "AP$_{70}$",
+           "AP75": "AP$_{75}$", "APs": "AP$_S$", "APm": "AP$_M$", "APl": "AP$_L$"}
+MISSING = "---"
+DAGGER = r"$^{\dagger}$"
+SIGNIFICANT = r"$^{\ast}$"
+
+
+# --------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Setting:
+    """What a group of runs was trained and evaluated on; backbone/schedule only for paper profiles."""
+    profile: str
+    dataset: str
+    split: str
+    backbone: str | None = None
+    schedule: str | None = None
+
+    def describe(self, tex: bool = True) -> str:
+        text = f"{self.dataset} {self.split}, profile {self.profile}"
+        if self.backbone:
+            text += f", {self.backbone} {self.schedule}"
+        return latex_escape(text) if tex else text
+
+
+@dataclass
+class RunResult:
+    name: str
+    seed: int | None
+    metrics: dict | None  # None: the run is configured but has no metrics.json
+
+    @property
+    def external(self) -> bool:
+        return bool(self.metrics and self.metrics.get("external"))
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float
+    n: int
+
+
+@dataclass
+class Row:
+    """One table row: the runs (seeds) of one configuration, pooled."""
+    label_tex: str
+    method: str
+    runs: list[RunResult] = field(default_factory=list)
+    paper_id: str | None = None
+    name: str = ""         # plain text, for bootstrap.json and figures
+    compete: bool = True   # False: shown but never bold (the mask-supervised upper bound)
+
+    @property
+    def present(self) -> list[RunResult]:
+        return [r for r in self.runs if r.metrics is not None]
+
+    @property
+    def external(self) -> bool:
+        return any(r.external for r in self.present)
+
+    def stat(self, section: str, column: str) -> Stat | None:
+        values = []
+        for run in self.present:
+            value = (run.metrics.get(section) or {}).get(column)
+            if value is not None and value >= 0:  # COCO prints -1 when a size range has no GT
+                values.append(100.0 * float(value))
+        if not values:
+            return None
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        return Stat(float(np.mean(values)), std, len(values))
+
+
+@dataclass(frozen=True)
+class PaperEntry:
+    id: str
+    paper: str
+    table: str
+    row: str
+    method: str
+    config: dict
+    dataset: str
+    split: str
+    backbone: str
+    schedule: str
+    metrics: str
+    values: dict
+    note: str = ""
+
+    def matches(self, setting: Setting) -> bool:
+        return (self.dataset, self.split, self.backbone, self.schedule) == (
+            setting.dataset, setting.split, setting.backbone, setting.schedule)
+
+
+@dataclass
+class PaperNumbers:
+    papers: dict[str, dict]
+    entries: list[PaperEntry]
+
+    def get(self, entry_id: str) -> PaperEntry:
+        for entry in self.entries:
+            if entry.id == entry_id:
+                return entry
+        raise InputError(PAPER_NUMBERS_PATH, "no such entry", record=entry_id)
+
+    def find(self, method: str, setting: Setting, metrics: str, config: dict | None = None) -> list[PaperEntry]:
+        config = config or {}
+        return [e for e in self.entries if e.method == method and e.metrics == metrics
+                and e.config == config and e.matches(setting)]
+
+    def cite(self, entry: PaperEntry) -> str:
+        """Short source tag, e.g. ``SIM T3`` (table numbers only where the source numbers them)."""
+        name = _SHORT_NAMES.get(entry.paper, entry.paper)
+        return latex_escape(f"{name} T{entry.table}" if entry.table.isdigit() else name)
+
+
+_SHORT_NAMES = {"sim": "SIM", "boxinst": "BoxInst", "boxlevelset": "BoxLevelSet", "adelaidet": "AdelaiDet"}
+
+
+def load_paper_numbers(path: str | Path = PAPER_NUMBERS_PATH) -> PaperNumbers:
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    entries = []
+    for raw in data.get("entries", []):
+        try:
+            entry = PaperEntry(**{**raw, "table": str(raw["table"])})
+        except TypeError as exc:
+            raise InputError(path, f"bad entry fields ({exc})", record=raw.get("id")) from exc
+        if entry.paper not in data["papers"]:
+            raise InputError(path, f"unknown paper {entry.paper!r}", record=entry.id)
+        entries.append(entry)
+    ids = [e.id for e in entries]
+    if len(ids) != len(set(ids)):
+        raise InputError(path, "duplicate entry ids")
+    return PaperNumbers(data["papers"], entries)
+
+
+# ----------------------------------------------------------------------- formatting
+def fmt_stat(stat: Stat | None, bold: bool = False) -> str:
+    if stat is None:
+        return MISSING
+    mean = f"{stat.mean:.1f}"
+    mean = rf"\textbf{{{mean}}}" if bold else mean
+    return f"{mean}$\\pm${stat.std:.1f}" if stat.n > 1 else mean
+
+
+def fmt_value(value: float | None) -> str:
+    return MISSING if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+
+
+def fmt_delta(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return MISSING
+    value = round(value, 1) + 0.0  # no "-0.0"
+    return f"${value:+.1f}$"
+
+
+def _best(rows: Sequence[Row], section: str, column: str) -> float | None:
+    means = [round(s.mean, 1) for s in (r.stat(section, column) for r in rows if r.compete) if s is not None]
+    return max(means) if means else None
+
+
+def _seed_phrase(rows: Sequence[Row]) -> tuple[str, bool]:
+    """Caption words for the seeds, and whether an ``n`` column is needed."""
+    configured = [len(r.runs) for r in rows]
+    need_n = any(len(r.present) != len(r.runs) or not r.runs for r in rows) or len(set(configured)) > 1
+    found = [len(r.present) for r in rows if r.present]
+    top = max(found, default=0)
+    if top <= 1:
+        phrase = "single seed per row"
+    elif len(set(found)) == 1:
+        phrase = rf"mean$\pm$std over {top} seeds"
+    else:
+        phrase = rf"mean$\pm$std over {min(found)}--{top} seeds per row (column $n$)"
+    return phrase, need_n
+
+
+def _n_cell(row: Row) -> str:
+    found, configured = len(row.present), len(row.runs)
+    if not configured:
+        return MISSING
+    return str(found) if found == configured else f"{found}/{configured}"
+
+
+def _footnotes(rows: Sequence[Row]) -> list[str]:
+    notes = []
+    if any(r.external for r in rows):
+        notes.append(DAGGER + " imported from the original code base's results and "
+                     "evaluated by simbench.")
+    if any(len(r.present) < len(r.runs) or not r.runs for r in rows):
+        notes.append(MISSING + ": not available (run without metrics.json, or not configured).")
+    return notes
+
+
+def render(cells: list[list[str]], header: list[str], caption: str, label: str,
+           column_format: str, midrule_after: Sequence[int] = (), footnotes: Sequence[str] = ()) -> str:
+    """Lay out pre-formatted LaTeX cells with Styler.to_latex (booktabs rules)."""
+    frame = pd.DataFrame(cells, columns=header)
+    latex = frame.style.hide(axis="index").to_latex(
+        hrules=True, caption=caption, label=label, position="htbp", position_float="centering",
+        column_format=column_format, environment="table")
+    lines = latex.splitlines()
+    body_start = [i for i, line in enumerate(lines) if line.strip() == r"\midrule"][0] + 1
+    for offset in sorted(set(midrule_after), reverse=True):
+        if 0 <= offset < len(cells) - 1:
+            lines.insert(body_start + offset + 1, r"\midrule")
+    lines.insert(lines.index(r"\centering") + 1, r"\small")
+    if footnotes:
+        end = lines.index(r"\end{tabular}") + 1
+        lines[end:end] = [r"\par\smallskip{\footnotesize\raggedright " + " ".join(footnotes) + r"\par}"]
+    return "\n".join(lines) + "\n"
+
+
+def _bold_phrase(rows: Sequence[Row]) -> str:
+    if all(r.compete for r in rows):
+        return "Bold: best reproduced value per column."
+    return "Bold: best reproduced value per column, the mask-supervised upper bound excluded."
+
+
+def _label(row: Row) -> str:
+    return row.label_tex + (DAGGER if row.external else "")
+
+
+# ---------------------------------------------------------------------------- tables
+def comparison_table(rows: Sequence[Row], setting: Setting, paper: PaperNumbers, *, section: str = "segm",
+                     marks: Sequence[bool] | None = None, mark_text: str = "", label: str = "tab:main",
+                     title: str = "Main comparison") -> str:
+    """Methods side by side; under each, the paper's value(s) and the difference when comparable."""
+    columns = COCO_COLUMNS if section == "segm" else VOC_COLUMNS
+    paper_key = "segm" if section == "segm" else "voc"
+    comparable = setting.backbone is not None
+    seeds, need_n = _seed_phrase(rows)
+    best = {c: _best(rows, section, c) for c in columns}
+    header = ["Method"] + (["Backbone", "Sched."] if comparable else []) + [HEADERS[c] for c in columns]
+    header += ["$n$"] if need_n else []
+    cells, rules, any_paper = [], [], False
+    for index, row in enumerate(rows):
+        lead = [latex_escape(setting.backbone), latex_escape(setting.schedule)] if comparable else []
+        stats = {c: row.stat(section, c) for c in columns}
+        values = [fmt_stat(stats[c], bold=row.compete and stats[c] is not None
+                           and round(stats[c].mean, 1) == best[c]) for c in columns]
+        if marks is not None and marks[index]:
+            values[0] += SIGNIFICANT
+        cells.append([_label(row)] + lead + values + ([_n_cell(row)] if need_n else []))
+        entries = []
+        if comparable:
+            entries = [paper.get(row.paper_id)] if row.paper_id else paper.find(row.method, setting, paper_key)
+            entries = [e for e in entries if e.matches(setting) and e.metrics == paper_key]
+        for entry in entries:
+            any_paper = True
+            cells.append([rf"\quad\textit{{reported}} ({paper.cite(entry)})", "", ""]
+                         + [fmt_value(entry.values.get(c)) for c in columns] + ([""] if need_n else []))
+        if entries:  # per column, against the first reported row that prints it
+            ref = {c: next((e.values[c] for e in entries if c in e.values), None) for c in columns}
+            cells.append([r"\quad $\Delta$ vs.\ reported", "", ""]
+                         + [fmt_delta(stats[c].mean - ref[c]) if stats[c] and ref[c] is not None else MISSING
+                            for c in columns] + ([""] if need_n else []))
+        rules.append(len(cells) - 1)
+    metric = "mask AP" if section == "segm" else "VOC-style mask AP"
+    caption = f"{title}: {metric} (\\%) on {setting.describe()}; {seeds}. " + _bold_phrase(rows)
+    if any_paper:
+        caption += (r" \textit{reported}: the published value; $\Delta$ = reproduced $-$ reported (the first "
+                    "reported row that prints the column).")
+    elif comparable:
+        caption += " No published value for this setting."
+    else:
+        caption += " Small-scale profile: not comparable with published numbers, which are not shown."
+    caption += mark_text
+    fmt = "l" + ("ll" if comparable else "") + "r" * len(columns) + ("r" if need_n else "")
+    return render(cells, header, caption, label, fmt, rules if any_paper else (), _footnotes(rows))
+
+
+def ablation_table(rows: Sequence[Row], setting: Setting, paper: PaperNumbers, *, title: str,
+                   first_header: str, label: str) -> str:
+    """An ablation: reproduced columns, AP difference to the first row, and the paper's beside."""
+    columns = COCO_COLUMNS
+    entries = [paper.get(r.paper_id) if r.paper_id else None for r in rows]
+    absolute = all(e is None or e.matches(setting) for e in entries) and setting.backbone is not None
+    seeds, need_n = _seed_phrase(rows)
+    best = {c: _best(rows, "segm", c) for c in columns}
+    base = rows[0].stat("segm", "AP") if rows else None
+    base_paper = entries[0].values.get("AP") if entries and entries[0] else None
+    header = [first_header] + [HEADERS[c] for c in columns] + [r"$\Delta$AP"]
+    header += (["Reported AP"] if absolute else []) + [r"Reported $\Delta$AP"] + (["$n$"] if need_n else [])
+    cells = []
+    for row, entry in zip(rows, entries):
+        stats = {c: row.stat("segm", c) for c in columns}
+        values = [fmt_stat(stats[c], bold=row.compete and stats[c] is not None
+                           and round(stats[c].mean, 1) == best[c]) for c in columns]
+        delta = stats["AP"].mean - base.mean if stats["AP"] and base else None
+        paper_ap = entry.values.get("AP") if entry else None
+        paper_delta = paper_ap - base_paper if paper_ap is not None and base_paper is not None else None
+        cells.append([_label(row)] + values + [fmt_delta(delta)] + ([fmt_value(paper_ap)] if absolute else [])
+                     + [fmt_delta(paper_delta)] + ([_n_cell(row)] if need_n else []))
+    source = next((e for e in entries if e), None)
+    cite = f" Reported: {paper.cite(source)}, {latex_escape(source.dataset)} {latex_escape(source.split)}, " \
+           f"{latex_escape(source.backbone)} {latex_escape(source.schedule)}." if source else ""
+    caption = (f"{title}: mask AP (\\%) on {setting.describe()}; {seeds}. $\\Delta$AP is relative to the "
+               f"first row. {_bold_phrase(rows)}{cite}")
+    if not absolute and source:
+        caption += " Different setting from the paper: only its differences are shown."
+    fmt = "l" + "r" * (len(header) - 1)
+    return render(cells, header, caption, label, fmt, (), _footnotes(rows))
+
+
+def bootstrap_table(intervals: Sequence[dict], resamples: int, n_images: int, confidence: float,
+                    label: str = "tab:bootstrap") -> str:
+    """Paired-bootstrap intervals of AP(A) - AP(B), one line per pair of rows."""
+    cells = []
+    for item in intervals:
+        excl = item["low"] > 0 or item["high"] < 0
+        interval = f"[${item['low'] * 100:+.1f}$, ${item['high'] * 100:+.1f}$]"
+        cells.append([latex_escape(item["table"]), item["a_tex"], item["b_tex"],
+                      fmt_delta(item["diff"] * 100), rf"{{\boldmath\textbf{{{interval}}}}}" if excl else interval])
+    caption = (f"Paired bootstrap over validation images ({resamples} resamples of {n_images} images): "
+               f"AP(A) $-$ AP(B) in points and its {confidence * 100:.0f}\\% percentile interval; "
+               "bold where the interval excludes 0. Seeds of a row are averaged inside each resample.")
+    return render(cells, ["Table", "A", "B", r"$\Delta$AP", "Interval"], caption, label, "lllrr")
+
+
+def paper_table(paper: PaperNumbers, paper_key: str, table: str, label: str) -> str:
+    """A published table as recorded in paper_numbers.yaml (the reference the runs aim at)."""
+    entries = [e for e in paper.entries if e.paper == paper_key and e.table == table]
+    if not entries:
+        raise InputError(PAPER_NUMBERS_PATH, f"no entries for {paper_key} table {table}")
+    columns = COCO_COLUMNS if entries[0].metrics == "segm" else VOC_COLUMNS
+    columns = tuple(c for c in columns if any(c in e.values for e in entries))
+    cells, rules = [], []
+    for index, entry in enumerate(entries):
+        cells.append([latex_escape(entry.backbone), latex_escape(entry.schedule), latex_escape(entry.row)]
+                     + [fmt_value(entry.values.get(c)) for c in columns])
+        group = (lambda e: e.method) if entry.metrics == "voc" else (lambda e: (e.backbone, e.schedule))
+        if index + 1 < len(entries) and group(entries[index + 1]) != group(entry):
+            rules.append(index)
+    info = paper.papers[paper_key]
+    notes = [f"{latex_escape(e.row)}: {latex_escape(e.note)}" for e in entries if e.note]
+    caption = (f"Published values: {latex_escape(info['title'])} ({latex_escape(info['venue'])}, "
+               f"arXiv:{latex_escape(info['arxiv'])}), Table {latex_escape(table)}; "
+               f"{latex_escape(entries[0].dataset)} {latex_escape(entries[0].split)}.")
+    header = ["Backbone", "Sched.", "Row"] + [HEADERS[c] for c in columns]
+    return render(cells, header, caption, label, "lll" + "r" * len(columns), rules,
+                  ["Notes: " + "; ".join(notes)] if notes else [])

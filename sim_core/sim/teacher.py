@@ -1,0 +1,84 @@
+"""Run the EMA teacher on the student's batch and gather what SIM's pseudo labels need.
+
+For every positive FCOS location of the batch (the student's assignment, so
+teacher and student talk about the same objects) the teacher predicts an
+instance mask with its own controller at that location, and a box with its
+own regression there. Grouped by GT, these are the inputs of the
+self-correction (:mod:`sim_core.sim.self_correction`): *all* positives of a
+GT, not only the ones sampled to train the student's mask head, because the
+paper combines every positive mask of the object. The teacher's mask
+features ``Z'`` feed the semantic map.
+
+The teacher sees the exact input the student sees (after copy-paste), so its
+pseudo labels are aligned with the student's predictions pixel for pixel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sim_core.sim.ema import EMATeacher
+from sim_core.sim.self_correction import instance_probability_map, iou_weights
+
+
+@dataclass
+class TeacherPredictions:
+    """Teacher outputs at the positives of one batch (row ``k`` = positive ``k`` of the assignment)."""
+
+    mask_feats: Tensor  # [B, D, H/8, W/8] teacher mask features Z'
+    pos_probs: Tensor  # [K, H/4, W/4] teacher mask probabilities
+    pos_boxes: Tensor  # [K, 4] teacher predicted boxes (xyxy)
+    pos_gt_inds: Tensor  # [K] batch-flat GT index of each positive
+    num_gts: int
+
+
+def teacher_network(teacher: nn.Module) -> nn.Module:
+    """The CondInst inside an :class:`EMATeacher` (or the network itself)."""
+    return teacher.model if isinstance(teacher, EMATeacher) else teacher
+
+
+@torch.no_grad()
+def run_teacher(teacher: nn.Module, images_norm: Tensor, assignment, chunk: int = 256) -> TeacherPredictions:
+    """Teacher forward on ``images_norm`` and its masks/boxes at every positive of ``assignment``.
+
+    ``assignment`` is the student's ``FCOSAssignment`` (``pos_im_inds``,
+    ``pos_loc_inds``, ``pos_gt_inds``, ``gt_boxes``). Masks are computed in
+    chunks of ``chunk`` positives to bound memory.
+    """
+    net = teacher_network(teacher)
+    was_training = net.training
+    net.eval()
+    try:
+        out = net(images_norm)
+        im, loc = assignment.pos_im_inds, assignment.pos_loc_inds
+        probs = []
+        for start in range(0, int(loc.numel()), chunk):
+            i, l_ = im[start:start + chunk], loc[start:start + chunk]
+            logits = net.instance_mask_logits(out.mask_feats, out.controllers[i, l_], out.locations[l_], i,
+                                              out.strides[l_])
+            probs.append(logits.sigmoid()[:, 0].float())
+        h, w = out.mask_feats.shape[-2] * 2, out.mask_feats.shape[-1] * 2
+        pos_probs = torch.cat(probs) if probs else out.mask_feats.new_zeros((0, h, w))
+        pos_boxes = net.decode_boxes(out.locations[loc], out.box_reg[im, loc]).float()
+    finally:
+        net.train(was_training)
+    return TeacherPredictions(mask_feats=out.mask_feats.detach().float(), pos_probs=pos_probs,
+                              pos_boxes=pos_boxes, pos_gt_inds=assignment.pos_gt_inds,
+                              num_gts=int(assignment.gt_boxes.shape[0]))
+
+
+def instance_maps(pred: TeacherPredictions, gt_boxes: Tensor, mu: float) -> tuple[Tensor, Tensor]:
+    """``M_I`` ``[G, H/4, W/4]`` for every GT and ``[G]`` bool "the GT has positives".
+
+    GTs without a positive location get an all-zero map (they have no mask
+    prediction to learn from and no sampled instance to supervise).
+    """
+    groups = pred.pos_gt_inds
+    G = pred.num_gts
+    weights = iou_weights(pred.pos_boxes, gt_boxes[groups].float(), groups, G, mu)
+    maps = instance_probability_map(pred.pos_probs, weights, groups, G)
+    has_pos = torch.zeros(G, dtype=torch.bool, device=groups.device)
+    has_pos[groups] = True
+    return maps, has_pos

@@ -1,0 +1,129 @@
+"""Semantic map, self-correction, pseudo labels and SIM's extra losses."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+from sim_core.model.mask_inputs import dice_loss
+from sim_core.sim.pseudo_loss import (paste_mask_loss, pseudo_loss_weight, pseudo_mask_loss, weighted_bce,
+                                      weighted_focal)
+from sim_core.sim.self_correction import (adaptive_tau_high, combine_maps, instance_probability_map, iou_weights,
+                                          pseudo_labels)
+from sim_core.sim.semantic_map import semantic_probability_map
+
+
+def test_semantic_map_is_high_where_features_match_the_class_prototype():
+    protos = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],  # class 0: two looks
+                           [[-1.0, 0.0], [0.0, -1.0]]])  # class 1
+    feats = torch.zeros(1, 2, 2, 2)
+    feats[0, :, 0, 0] = torch.tensor([3.0, 0.0])  # matches class 0 look 0
+    feats[0, :, 0, 1] = torch.tensor([0.0, 2.0])  # matches class 0 look 1
+    feats[0, :, 1, 0] = torch.tensor([-1.0, 0.0])  # opposite of class 0, matches class 1
+    feats[0, :, 1, 1] = torch.tensor([1.0, -1.0])  # 45 degrees from look 0
+    m = semantic_probability_map(feats, protos, torch.tensor([0, 1]), torch.tensor([0, 0]), tau=0.1)
+    s = torch.sigmoid
+    expected0 = torch.tensor([[s(torch.tensor(10.0)), s(torch.tensor(10.0))],
+                              [s(torch.tensor(0.0)), s(torch.tensor(10 * math.sqrt(0.5)))]])
+    assert torch.allclose(m[0], expected0, atol=1e-6)
+    assert m[1, 1, 0] > 0.99 and m[1, 0, 0] == pytest.approx(0.5)  # class 1's box prefers the other pixel
+    flat = semantic_probability_map(feats, protos, torch.tensor([0]), torch.tensor([0]), tau=1.0)
+    assert torch.allclose(flat[0, 0, 0], torch.sigmoid(torch.tensor(1.0)))  # released code: no temperature
+
+
+def test_semantic_map_upsamples_to_the_mask_grid():
+    protos = torch.tensor([[[1.0, 0.0]]])
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).t().reshape(1, 2, 1, 2).contiguous()  # left (1,0), right (0,1)
+    m = semantic_probability_map(feats, protos, torch.tensor([0]), torch.tensor([0]), tau=0.1, size=(2, 4))
+    assert m.shape == (1, 2, 4)
+    assert m[0, 0, 0] > m[0, 0, 3]
+    with pytest.raises(ValueError):
+        semantic_probability_map(feats, protos, torch.tensor([0]), torch.tensor([0]), tau=0.0)
+
+
+def test_iou_weighting_favours_the_better_localised_positive():
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    pred = torch.tensor([[0.0, 0.0, 10.0, 10.0],  # IoU 1
+                         [0.0, 0.0, 10.0, 2.0],  # IoU 0.2
+                         [5.0, 5.0, 9.0, 9.0]])  # other GT, alone in its group
+    groups = torch.tensor([0, 0, 1])
+    w = iou_weights(pred, gt[[0, 0, 0]], groups, 2, mu=5.0)
+    e1, e2 = math.exp(5.0), math.exp(1.0)
+    assert w.tolist() == pytest.approx([e1 / (e1 + e2), e2 / (e1 + e2), 1.0], abs=1e-6)
+    masks = torch.stack([torch.ones(2, 2), torch.zeros(2, 2), torch.full((2, 2), 0.3)])
+    maps = instance_probability_map(masks, w, groups, 2)
+    assert torch.allclose(maps[0], torch.full((2, 2), e1 / (e1 + e2)))
+    assert torch.allclose(maps[1], torch.full((2, 2), 0.3))
+    plain = iou_weights(pred, gt[[0, 0, 0]], groups, 2, mu=0.0)  # released code: plain mean
+    assert plain.tolist() == pytest.approx([0.5, 0.5, 1.0])
+
+
+def test_pseudo_labels_ignore_band_and_background_outside_the_box():
+    probs = torch.tensor([[[0.9, 0.5, 0.1, 0.9],
+                           [0.8, 0.65, 0.3, 0.2]]])
+    box = torch.tensor([[[1.0, 1.0, 1.0, 0.0],
+                         [1.0, 1.0, 1.0, 0.0]]])
+    target, weight = pseudo_labels(probs, box, tau_high=0.7, tau_low=0.4)
+    assert target.tolist() == [[[1, 0, 0, 0], [1, 0, 0, 0]]]  # outside the box is background even at 0.9
+    assert weight.tolist() == [[[1, 0, 1, 1], [1, 0, 1, 1]]]  # 0.5 and 0.65 lie in the ignore band
+    _, released = pseudo_labels(probs, box, 0.7, 0.4, outside_weight=0.0)
+    assert released[..., 3].tolist() == [[0, 0]]
+    valid = torch.ones_like(box)
+    valid[..., 0] = 0  # padding
+    _, padded = pseudo_labels(probs, box, 0.7, 0.4, valid=valid)
+    assert padded[..., 0].tolist() == [[0, 0]]
+    per_gt, _ = pseudo_labels(probs.expand(2, -1, -1), box.expand(2, -1, -1), torch.tensor([0.7, 0.85]), 0.4)
+    assert per_gt[1].sum() == 1  # only the 0.9 inside the box passes 0.85
+
+
+def test_adaptive_tau_high_keeps_as_many_pixels_as_the_teacher_is_sure_of():
+    probs = torch.tensor([[[0.95, 0.9, 0.75, 0.72, 0.1, 0.99]]])
+    inst = torch.tensor([[[0.9, 0.9, 0.1, 0.1, 0.1, 0.99]]])
+    box = torch.tensor([[[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]]])
+    # two confident in-box pixels -> third largest in-box value 0.75, within [0.7, 0.8]
+    assert adaptive_tau_high(probs, inst, box, 0.7, 0.7, 0.8).tolist() == pytest.approx([0.75])
+    assert adaptive_tau_high(probs, inst, box, 0.7, 0.7, 0.74).tolist() == pytest.approx([0.74])  # clamped
+    none = torch.zeros_like(inst)
+    assert adaptive_tau_high(probs, none, box, 0.7, 0.7, 0.8).tolist() == pytest.approx([0.8])  # top value 0.95
+
+
+def test_combine_maps():
+    s, i = torch.full((1, 2, 2), 0.2), torch.full((1, 2, 2), 1.0)
+    assert torch.allclose(combine_maps(s, i, 0.5), torch.full((1, 2, 2), 0.6))
+    assert torch.equal(combine_maps(None, i, 0.5), i)
+    with pytest.raises(ValueError):
+        combine_maps(s, i, 1.5)
+
+
+def test_pseudo_losses_match_hand_computation_and_ignore_weight_zero_pixels():
+    logits = torch.tensor([[[[2.0, -1.0], [0.5, 3.0]]]])
+    target = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    weight = torch.tensor([[[1.0, 1.0], [0.0, 1.0]]])
+    bce = F.binary_cross_entropy_with_logits(logits[0, 0], target[0], reduction="none")
+    assert weighted_bce(logits, target, weight) == pytest.approx(float((bce * weight[0]).sum() / 3))
+    focal = sigmoid_focal_loss(logits[0, 0], target[0], reduction="none")
+    assert weighted_focal(logits, target, weight) == pytest.approx(float((focal * weight[0]).sum() / 4))
+    dice = dice_loss(logits[:, 0].sigmoid(), target, weight)
+    total = pseudo_mask_loss(logits, target, weight, "bce_dice")
+    assert total == pytest.approx(float((bce * weight[0]).sum() / 3 + dice.mean()), abs=1e-6)
+    changed = logits.clone()
+    changed[0, 0, 1, 0] = -7.0  # an ignored pixel
+    for kind in ("bce_dice", "focal"):
+        assert pseudo_mask_loss(changed, target, weight, kind) == pytest.approx(
+            float(pseudo_mask_loss(logits, target, weight, kind)), abs=1e-6)
+    paste = paste_mask_loss(logits, target, torch.ones_like(target))
+    assert paste == pytest.approx(float(focal.sum() / 5 + dice_loss(logits[:, 0].sigmoid(), target).mean()), abs=1e-6)
+    with pytest.raises(ValueError):
+        pseudo_mask_loss(logits, target, weight, "l2")
+
+
+def test_pseudo_loss_schedules():
+    assert pseudo_loss_weight(9_999, 90_000, 0.5, "step", 10_000 / 90_000) == 0.0
+    assert pseudo_loss_weight(10_000, 90_000, 0.5, "step", 10_000 / 90_000) == 0.5
+    assert pseudo_loss_weight(45_000, 90_000, 0.3, "linear") == pytest.approx(0.15)
+    assert pseudo_loss_weight(95_000, 90_000, 0.3, "linear") == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        pseudo_loss_weight(0, 10, 1.0, "cosine")

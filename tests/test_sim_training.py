@@ -1,0 +1,191 @@
+"""EMA teacher, SIM's training state (checkpoints, hooks) and one SIM step on the shared detector."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from baselines import build_mask_loss
+from sim_core.model.condinst import DEMO_MODEL_CFG, CondInst
+from sim_core.sim.ema import EMATeacher
+from sim_core.sim.sim_loss import SIMLoss, SIMStepRecord
+from sim_core.sim.trainer_hooks import SIMTrainingState
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.bn = nn.BatchNorm1d(2)
+
+
+def test_ema_update_is_the_momentum_average_and_buffers_are_copied():
+    torch.manual_seed(0)
+    student = _Tiny()
+    teacher = EMATeacher(student, momentum=0.9)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    before = teacher.model.lin.weight.clone()
+    with torch.no_grad():
+        student.lin.weight.add_(1.0)
+        student.bn.running_mean.fill_(3.0)
+        student.bn.num_batches_tracked.fill_(5)
+    teacher.update(student)
+    assert torch.allclose(teacher.model.lin.weight, 0.9 * before + 0.1 * student.lin.weight)
+    assert torch.equal(teacher.model.bn.running_mean, torch.full((2,), 3.0))
+    assert int(teacher.model.bn.num_batches_tracked) == 5
+    teacher.train()
+    assert not teacher.model.training  # stays in eval mode
+    restored = EMATeacher(_Tiny(), momentum=0.9)
+    restored.load_state_dict(teacher.state_dict())
+    assert torch.equal(restored.model.lin.weight, teacher.model.lin.weight)
+    assert float(teacher.parameter_distance(student)) > 0
+    with pytest.raises(ValueError):
+        EMATeacher(student, momentum=1.5)
+
+
+def _batch(seed: int, n_images: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(n_images):
+        masks = torch.zeros(2, 64, 96, dtype=torch.uint8)
+        masks[0, 10:40, 8:30] = 1
+        masks[1, 20:50, 40:80] = 1
+        images.append(torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8, generator=g))
+        targets.append({"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 10.0, 90.0, 60.0]]),
+                        "labels": torch.tensor([0, 2]), "masks": masks})
+    return images, targets
+
+
+def _setup(extra: dict | None = None):
+    torch.manual_seed(0)
+    model = CondInst(3, DEMO_MODEL_CFG)
+    cfg = {"boxinst": {}, "mask_feat_channels": DEMO_MODEL_CFG["mask_out_channels"], **(extra or {})}
+    loss = build_mask_loss("sim", cfg)
+    state = SIMTrainingState(model, loss, cfg, num_classes=3, seed=0)
+    return model, loss, state
+
+
+def _bank_entry(label: int = 1) -> dict:
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[2:18, 4:16] = True
+    return {"crops": [torch.full((3, 20, 20), 90, dtype=torch.uint8)], "masks": [mask],
+            "origins": torch.tensor([[50, 30]]), "boxes": torch.tensor([[50.0, 30.0, 70.0, 50.0]]),
+            "labels": torch.tensor([label]), "scores": torch.tensor([0.9])}
+
+
+def _step(model, loss, state, iteration: int, max_iter: int = 10, seed: int = 0):
+    images, targets = _batch(seed)
+    images, targets = state.before_step(images, targets, iteration)
+    losses = model.training_losses(images, targets, loss, iteration, max_iter, extras=state.extras())
+    return losses, targets
+
+
+def test_one_sim_training_step_gives_finite_losses_and_updates_the_state():
+    model, loss, state = _setup({"pseudo_start_frac": 0.0, "paste_prob": 1.0, "confident_thresh": 0.0})
+    state.copy_paste.bank.push(_bank_entry())
+    proto_before = state.prototypes.prototypes.clone()
+    teacher_before = state.teacher.model.head.cls_logits.weight.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    losses, targets = _step(model, loss, state, iteration=0)
+    assert set(losses) >= {"loss_proj", "loss_pairwise", "loss_pseudo", "loss_paste", "loss_cls"}
+    assert all(math.isfinite(float(v.detach())) for v in losses.values())
+    assert all(t["pasted"].tolist() == [False, False, True] for t in targets)
+    assert losses["loss_pseudo"].item() > 0 and losses["loss_paste"].item() > 0
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    opt.step()
+    assert len(state.records) == 1
+    state.after_step(model, 0)
+    assert state.records == []
+    assert not torch.equal(state.prototypes.prototypes, proto_before)  # confident pixels moved prototypes
+    assert not torch.equal(state.teacher.model.head.cls_logits.weight, teacher_before)
+    expected = 0.9999 * teacher_before + 0.0001 * model.head.cls_logits.weight
+    assert torch.allclose(state.teacher.model.head.cls_logits.weight, expected, atol=1e-7)
+
+
+def test_released_code_variant_step_is_finite():
+    model, loss, state = _setup({"variant": "released_code", "paste_prob": 1.0})
+    state.copy_paste.bank.push(_bank_entry())
+    losses, _ = _step(model, loss, state, iteration=5)
+    assert all(math.isfinite(float(v.detach())) for v in losses.values())
+    # An untrained teacher is unsure everywhere (M ~ 0.5-0.6): with tau_high >= 0.7, tau_low = 0.4 and
+    # nothing outside the box, every pixel is ignored, so the released code's L_pseudo is exactly 0.
+    assert losses["loss_pseudo"].item() == 0.0 and losses["loss_paste"].item() > 0
+    with torch.no_grad():  # a confident teacher: the last dynamic-head bias pushes its masks to ~1
+        state.teacher.model.head.controller.bias[-1] = 10.0
+    losses, _ = _step(model, loss, state, iteration=5)
+    assert losses["loss_pseudo"].item() > 0  # linear ramp: 0.3 * 5 / 10 > 0
+    assert losses["loss_pairwise"].item() > 0
+
+
+def test_pseudo_loss_waits_for_the_warm_up_and_attach_works_without_extras():
+    model, loss, state = _setup({"copy_paste": False})
+    images, targets = _batch(1)
+    early = model.training_losses(images, targets, loss, 0, 90)  # no extras: attached state is used
+    late = model.training_losses(images, targets, loss, 10, 90)
+    assert early["loss_pseudo"].item() == 0.0 and early["loss_paste"].item() == 0.0
+    assert late["loss_pseudo"].item() > 0
+    bare = SIMLoss({"boxinst": {}})
+    with pytest.raises(ValueError, match="teacher"):
+        model.training_losses(images, targets, bare, 0, 90)
+
+
+def test_push_record_banks_teacher_segmented_instances():
+    _, _, state = _setup({"pseudo_start_frac": 0.5})
+    maps = torch.zeros(3, 8, 8)
+    maps[0, 1:5, 1:5] = 0.9  # confident inside GT 0's box
+    maps[1, :, :] = 0.9  # GT 1 was pasted: never banked
+    maps[2, 0:2, 0:2] = 0.95  # image 1
+    rec = SIMStepRecord(proto_sums=None, proto_counts=None,
+                        images=[torch.zeros(3, 32, 32, dtype=torch.uint8), torch.ones(3, 32, 32, dtype=torch.uint8)],
+                        gt_boxes=torch.tensor([[0.0, 0.0, 24.0, 24.0], [0.0, 0.0, 32.0, 32.0], [0.0, 0.0, 10.0, 10.0]]),
+                        gt_labels=torch.tensor([0, 1, 2]), gt_im_inds=torch.tensor([0, 0, 1]), instance_maps=maps,
+                        bankable=torch.tensor([True, False, True]), iteration=2, max_iter=10)
+    assert not state.bank_open(rec)  # still in the warm-up
+    rec.iteration = 5
+    assert state.bank_open(rec)
+    state.push_record(rec)
+    bank = state.copy_paste.bank
+    assert len(bank) == 2
+    first = bank.entries[0]
+    assert first["labels"].tolist() == [0]
+    assert first["origins"].tolist() == [[0, 0]]
+    assert bool(first["masks"][0][6:18, 6:18].all()) and not bool(first["masks"][0][20:, 20:].any())
+
+
+def test_state_checkpoint_restores_teacher_prototypes_and_bank():
+    model, loss, state = _setup()
+    state.copy_paste.bank.push(_bank_entry(2))
+    state.prototypes.prototypes.mul_(-1.0)
+    with torch.no_grad():
+        state.teacher.model.head.ctr_pred.bias.fill_(0.25)
+    buffer = io.BytesIO()
+    torch.save({"sim": state.state_dict()}, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    _, _, fresh = _setup()
+    assert not torch.equal(fresh.prototypes.prototypes, state.prototypes.prototypes)
+    fresh.load_state_dict(loaded["sim"])
+    assert torch.equal(fresh.prototypes.prototypes, state.prototypes.prototypes)
+    assert float(fresh.teacher.model.head.ctr_pred.bias[0]) == 0.25
+    assert len(fresh.copy_paste.bank) == 1 and fresh.copy_paste.bank.entries[0]["labels"].tolist() == [2]
+    images, targets = _batch(3)
+    a = state.before_step(images, targets, 0)
+    b = fresh.before_step(images, targets, 0)
+    assert all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a[1], b[1]))  # same random decisions
+
+
+def test_batch_without_objects_keeps_every_term_finite_and_zero():
+    model, loss, state = _setup({"pseudo_start_frac": 0.0, "paste_prob": 1.0})
+    images = [torch.zeros(3, 64, 96, dtype=torch.uint8)] * 2
+    targets = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                "masks": torch.zeros(0, 64, 96, dtype=torch.uint8)}] * 2
+    images, targets = state.before_step(images, targets, 0)
+    losses = model.training_losses(images, targets, loss, 0, 10, extras=state.extras())
+    assert {k: losses[k].item() for k in ("loss_proj", "loss_pairwise", "loss_pseudo", "loss_paste")} == {
+        "loss_proj": 0.0, "loss_pairwise": 0.0, "loss_pseudo": 0.0, "loss_paste": 0.0}
+    sum(losses.values()).backward()
+    state.after_step(model, 0)
+    assert len(state.copy_paste.bank) == 0
