@@ -25,8 +25,8 @@ from sim_core.errors import InputError
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "experiments" / "profiles"
 METHODS = ("mask", "boxmask", "boxinst", "boxlevelset", "sim")
-# Sections whose keys are free-form (their entries are named by the user).
-FREE_SECTIONS = ("runs",)
+# Mappings whose keys are free-form (their entries are named by the user).
+FREE_MAPPINGS = ("runs", "report.paper_settings", "report.data_dirs")
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -141,7 +141,7 @@ def _check_against(node: dict, ref: dict, prefix: str, source: str) -> None:
             continue
         if _kind(value) != _kind(expected):
             raise InputError(source, f"params key '{dotted}' must be a {_kind(expected)}, got {_kind(value)} {value!r}")
-        if isinstance(expected, dict) and prefix.split(".")[0] not in FREE_SECTIONS:
+        if isinstance(expected, dict) and dotted not in FREE_MAPPINGS:
             _check_against(value, expected, dotted + ".", source)
 
 

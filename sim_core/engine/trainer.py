@@ -54,7 +54,8 @@ def method_config(params: dict, method: str) -> dict:
     cfg = dict(params.get(method) or {})
     if method == "sim":
         cfg["boxinst"] = dict(params["boxinst"])
-    cfg["mask_feat_channels"] = params["model"]["mask_out_channels"]
+    if method in ("sim", "boxlevelset"):
+        cfg["mask_feat_channels"] = params["model"]["mask_out_channels"]
     return cfg
 
 

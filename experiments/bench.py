@@ -1,0 +1,56 @@
+"""``simbench bench``: speed and memory, side by side, as numbers in a json file.
+
+Everything is measured in one process on the same machine, so the figures
+that matter are the *ratios* (a method's iteration against ``mask``'s, the
+shared engine against torchvision's FCOS, kornia's batched LAB against
+scikit-image per image, faster-coco-eval against pycocotools). Nothing here
+asserts a speed; tests never time anything.
+
+Sections (``--only`` picks some): ``methods``, ``engine_vs_torchvision``,
+``lab``, ``coco_eval``, ``data``, ``memory``, ``ddp``, ``backbones``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+SECTIONS = ("methods", "engine_vs_torchvision", "lab", "coco_eval", "data", "memory", "ddp", "backbones")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="reports/out/bench.json", help="json file to write")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--iters", type=int, default=10, help="timed iterations per measurement")
+    parser.add_argument("--batch", type=int, default=8, help="demo batch size")
+    parser.add_argument("--size", type=int, default=128, help="demo image size")
+    parser.add_argument("--params", default="params.yaml", help="params file (its model section is the demo model)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from experiments import bench_parts as parts
+    from sim_core.errors import InputError
+    from sim_core.io_utils import atomic_write_json
+
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        raise InputError("--only", f"unknown section '{unknown[0]}'; choose from {', '.join(SECTIONS)}")
+    settings = parts.BenchSettings.from_args(args)
+    results: dict = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+        "settings": settings.as_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for section in chosen:
+        print(f"bench: {section} ...", flush=True)
+        results[section] = getattr(parts, f"bench_{section}")(settings)
+        print(json.dumps(results[section], indent=None)[:400], flush=True)
+    atomic_write_json(args.out, results)
+    print(f"bench -> {args.out}")
+    return 0
