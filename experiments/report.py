@@ -100,7 +100,7 @@ def report_config(params: dict) -> dict:
     unknown = set(section) - set(DEFAULTS) - {"main", *DEFAULT_ABLATIONS}
     if unknown:
         raise InputError("params.yaml", f"unknown report keys: {sorted(unknown)}")
-    config = {**copy.deepcopy(DEFAULTS), **section}
+    config = {**copy.deepcopy(DEFAULTS), **{k: v for k, v in section.items() if v is not None}}
     for name in ("main", *DEFAULT_ABLATIONS):
         rows = config.get(name, DEFAULT_ABLATIONS.get(name))
         if rows is not None and (not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows)):
@@ -137,8 +137,10 @@ def load_metrics(path: Path, run: str) -> dict | None:
         raise InputError(path, "needs a `segm` mapping of AP values", record=run)
     for section in ("segm", "bbox", "voc"):
         for key, value in (metrics.get(section) or {}).items():
+            if value is None:  # undefined (e.g. no GT of that size): shown as missing
+                continue
             if not isinstance(value, (int, float)) or not (value == -1 or 0 <= value <= 1):
-                raise InputError(path, f"{section}.{key} must be a fraction in [0, 1] (or -1), got {value!r}",
+                raise InputError(path, f"{section}.{key} must be a fraction in [0, 1], -1 or null, got {value!r}",
                                  record=run)
     return metrics
 
