@@ -177,3 +177,33 @@ def tiny_coco_splits(tmp_path: Path) -> TinyCoco:
     tiny.train_ann = tiny.write(split_json(tiny.base, {1, 2, 5, 6}), "train.json")
     tiny.val_ann = tiny.write(split_json(tiny.base, {8, 9, 11}), "val.json")
     return tiny
+
+
+# ---------------------------------------------------------------------------
+# Engine fixtures: a tiny prepared synthetic dataset and the smoke params.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COCO128_ROOT = REPO_ROOT / ".." / "shared" / "datasets" / "coco128"
+
+
+@pytest.fixture(scope="session")
+def smoke_dataset(tmp_path_factory) -> Path:
+    """The smoke profile's synthetic dataset, prepared once per test session."""
+    from sim_core.config import read_yaml
+    from sim_core.data.prepare import prepare_synthetic
+
+    cfg = read_yaml(REPO_ROOT / "experiments" / "profiles" / "smoke.yaml")["synthetic"]
+    out = tmp_path_factory.mktemp("smoke") / "synthetic"
+    prepare_synthetic(out, cfg)
+    return out
+
+
+@pytest.fixture
+def smoke_params(smoke_dataset: Path, tmp_path: Path) -> dict:
+    """Smoke params pointing at the prepared data, with runs written under tmp_path."""
+    from sim_core.config import read_yaml
+
+    params = read_yaml(REPO_ROOT / "experiments" / "profiles" / "smoke.yaml")
+    params["data"]["root"] = str(smoke_dataset)
+    params["train"]["runs_dir"] = str(tmp_path / "runs")
+    params["train"]["threads"] = 1
+    return params

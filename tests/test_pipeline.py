@@ -1,0 +1,78 @@
+"""The DVC pipeline end to end: clone, smoke profile, `dvc repro`, then a no-op repro.
+
+This is the slowest test (about a minute and a half on 2 cores): it runs every
+stage of the real pipeline on the smoke profile's tiny synthetic data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    if shutil.which("git") is None or not (BIN / "dvc").exists():
+        pytest.skip("git and dvc are needed for the pipeline test")
+    if not (REPO / ".git").exists():
+        pytest.skip("the pipeline test clones the repository; no .git found")
+    clone = tmp_path_factory.mktemp("pipeline") / "simbench"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
+    # The clone gets the working tree's current code and params layout (so uncommitted edits are tested too).
+    for part in ("dvc.yaml", "experiments/profiles"):
+        src, dst = REPO / part, clone / part
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dst)
+    assert _run([str(BIN / "simbench"), "profile", "smoke"], clone, env).returncode == 0
+    first = _run([str(BIN / "dvc"), "repro"], clone, env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = _run([str(BIN / "dvc"), "repro"], clone, env)
+    return clone, env, first, second
+
+
+def test_every_declared_output_exists(reproduced):
+    clone, _, _, _ = reproduced
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    data = clone / params["data"]["root"]
+    for name in ("train.json", "val.json", "summary.json", "preview.png"):
+        assert (data / name).is_file(), name
+    for run in params["runs"]:
+        run_dir = clone / "runs" / run
+        for name in ("model.pt", "last.ckpt", "train_log.jsonl", "run.json", "segm.json", "bbox.json",
+                     "metrics.json"):
+            assert (run_dir / name).is_file(), f"{run}/{name}"
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["run"] == run and set(metrics["segm"]) >= {"AP", "AP50", "AP75"}
+    out = clone / "reports" / "out"
+    assert list((out / "tables").glob("*.tex")) and list((out / "figures").glob("*.png"))
+    assert (out / "report.tex").is_file()
+
+
+def test_second_repro_does_nothing(reproduced):
+    _, _, _, second = reproduced
+    assert second.returncode == 0
+    assert "Running stage" not in second.stdout, second.stdout
+
+
+def test_dvc_metrics_show_lists_runs(reproduced):
+    clone, env, _, _ = reproduced
+    shown = _run([str(BIN / "dvc"), "metrics", "show", "--json"], clone, env)
+    assert shown.returncode == 0, shown.stderr
+    assert "mask_s0" in shown.stdout and "segm" in shown.stdout

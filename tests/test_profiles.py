@@ -1,0 +1,90 @@
+"""Profiles: complete flat params sets whose paper-scale numbers match the papers."""
+from __future__ import annotations
+
+import pytest
+
+from sim_core.config import available_profiles, load_params, profile_path, reference_params
+
+PAPER = {
+    # name: (backbone, max_iter, steps)
+    "coco_r50_1x": ("resnet50", 90000, [60000, 80000]),
+    "coco_r101_1x": ("resnet101", 90000, [60000, 80000]),
+    "coco_r101_3x": ("resnet101", 270000, [210000, 250000]),
+    "coco_r101dcn_bifpn_3x": ("resnet101_dcn", 270000, [210000, 250000]),
+    "coco_swinb_3x": ("swin_b", 270000, [210000, 250000]),
+}
+
+
+def _keys(node: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in node.items():
+        if prefix + key in ("runs", "report.paper_settings", "report.data_dirs"):
+            out.add(prefix + key)
+        elif isinstance(value, dict):
+            out |= _keys(value, f"{prefix}{key}.")
+        else:
+            out.add(prefix + key)
+    return out
+
+
+@pytest.mark.parametrize("name", available_profiles())
+def test_every_profile_is_complete_and_valid(name):
+    params = load_params(profile_path(name))
+    assert params["profile"] == name
+    assert _keys(params) == _keys(reference_params()), "profiles are complete, flat sets with the same keys"
+    assert params["runs"], "a profile declares its runs"
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_coco_profiles_match_the_papers(name):
+    backbone, max_iter, steps = PAPER[name]
+    p = load_params(profile_path(name))
+    assert p["model"]["backbone"] == backbone
+    assert p["train"]["batch_size"] == 16
+    assert p["train"]["max_iter"] == max_iter and p["train"]["steps"] == steps
+    assert p["data"]["train_sizes"] == [640, 672, 704, 736, 768, 800]
+    assert p["data"]["test_size"] == 800 and p["data"]["max_size"] == 1333
+    assert p["model"]["fpn_levels"] == [3, 4, 5, 6, 7]
+    assert p["boxinst"]["ignore_bottom_px"] == 10
+    assert p["boxinst"]["pairwise_warmup_frac"] == pytest.approx(10000 / 90000, abs=1e-6)
+    assert p["sim"]["pseudo_start_frac"] == pytest.approx(10000 / 90000, abs=1e-6)
+    if name == "coco_swinb_3x":
+        assert (p["train"]["optimizer"], p["train"]["lr"]) == ("adamw", 0.0001)
+    else:
+        assert (p["train"]["optimizer"], p["train"]["lr"]) == ("sgd", 0.01)
+    if name == "coco_r101dcn_bifpn_3x":
+        assert p["model"]["neck"] == "bifpn" and p["model"]["dcn_interval"] == 3
+
+
+@pytest.mark.parametrize("name", ["voc_r50", "voc_r101"])
+def test_voc_profiles(name):
+    p = load_params(profile_path(name))
+    assert p["data"]["dataset"] == "voc" and p["evaluate"]["voc_metrics"] is True
+    assert (p["train"]["batch_size"], p["train"]["lr"]) == (16, 0.01)
+    assert p["boxinst"]["ignore_bottom_px"] == 0
+    assert p["model"]["backbone"] == {"voc_r50": "resnet50", "voc_r101": "resnet101"}[name]
+
+
+def test_sim_paper_defaults_in_paper_profiles():
+    s = load_params(profile_path("coco_r50_1x"))["sim"]
+    assert (s["variant"], s["alpha"], s["num_prototypes"], s["tau"], s["mu"]) == ("paper", 0.5, 10, 0.1, 5.0)
+    assert (s["ema_momentum"], s["proto_momentum"], s["bank_size"], s["paste_prob"]) == (0.9999, 0.999, 100, 0.5)
+    assert (s["lambda_pseudo"], s["lambda_paste"], s["sinkhorn_eps"], s["sinkhorn_iters"]) == (0.5, 1.0, 0.05, 3)
+
+
+def test_boxlevelset_own_recipe():
+    for name, lr in (("coco_r50_boxlevelset_own", 1e-4), ("voc_r50_boxlevelset_own", 5e-5)):
+        t = load_params(profile_path(name))["train"]
+        assert (t["optimizer"], t["lr"], t["weight_decay"], t["grad_clip"]) == ("adamw", lr, 0.1, 1.0)
+    b = load_params(profile_path("coco_r50_1x"))["boxlevelset"]
+    assert (b["projection_weight"], b["levelset_img_weight"], b["levelset_feat_weight"]) == (3.0, 0.05, 5.0)
+    assert b["levelset_gamma"] == 1e-4
+
+
+def test_demo_runs_cover_methods_and_ablations():
+    runs = load_params(profile_path("demo"))["runs"]
+    methods = {r["method"] for r in runs.values()}
+    assert methods == {"mask", "boxmask", "boxinst", "boxlevelset", "sim"}
+    sets = [r.get("set", {}) for r in runs.values()]
+    assert {"sim.copy_paste": False} in sets and {"sim.alpha": 0.0} in sets and {"sim.alpha": 1.0} in sets
+    assert {"sim.num_prototypes": 1} in sets

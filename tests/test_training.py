@@ -1,0 +1,144 @@
+"""Training engine: every method trains, resume, kill-and-resume, non-finite guard."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sim_core.config import apply_overrides, resolve_run
+from sim_core.engine.checkpoint import load_latest_checkpoint
+from sim_core.engine.trainer import train_run
+from sim_core.errors import NonFiniteLossError
+
+REPO = Path(__file__).resolve().parents[1]
+COCO128 = REPO / ".." / "shared" / "datasets" / "coco128"
+
+
+def _run(params: dict, name: str, **overrides) -> tuple[dict, Path]:
+    resolved = resolve_run(apply_overrides(params, {f"train.{k}": v for k, v in overrides.items()}), name)
+    run_dir = Path(params["train"]["runs_dir"]) / name
+    return train_run(resolved, run_dir, progress=False), run_dir
+
+
+def _log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("run", ["mask_s0", "boxmask_s0", "boxinst_s0", "boxlevelset_s0", "sim_s0"])
+def test_every_method_trains_two_iterations(smoke_params, run):
+    result, run_dir = _run(smoke_params, run, max_iter=2, log_every=1)
+    assert result["iterations"] == 2
+    log = _log(run_dir)
+    assert [r["iteration"] for r in log] == [0, 1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    expected = {"mask_s0": "loss_mask", "boxmask_s0": "loss_mask", "boxinst_s0": "loss_pairwise",
+                "boxlevelset_s0": "loss_levelset_feat", "sim_s0": "loss_pseudo"}[run]
+    assert expected in log[0]
+    stamp = json.loads((run_dir / "run.json").read_text())
+    assert stamp["seed"] == 0 and stamp["params"]["train"]["method"] == run.rsplit("_", 1)[0]
+    assert "torch" in stamp["packages"] and stamp["git_commit"]
+    assert (run_dir / "model.pt").exists() and (run_dir / "dvclive").is_dir()
+
+
+def test_training_on_real_coco128_images(tmp_path):
+    if not COCO128.is_dir():
+        pytest.skip(f"coco128 not found at {COCO128}")
+    from sim_core.config import read_yaml
+    from sim_core.data.prepare import prepare_coco128
+
+    data = tmp_path / "coco128"
+    prepare_coco128(data, root=COCO128)
+    params = read_yaml(REPO / "experiments" / "profiles" / "coco128.yaml")
+    params["data"]["root"] = str(data)
+    params["train"]["runs_dir"] = str(tmp_path / "runs")
+    params["data"]["train_sizes"] = [160]
+    params["data"]["max_size"] = 256
+    result, run_dir = _run(params, "boxinst_s0", max_iter=2, batch_size=2, batch_per_process=2)
+    assert result["iterations"] == 2 and (run_dir / "model.pt").exists()
+
+
+def test_same_seed_same_weights(smoke_params, tmp_path):
+    _, a = _run(smoke_params, "boxinst_s0", max_iter=3)
+    smoke_params["train"]["runs_dir"] = str(tmp_path / "again")
+    _, b = _run(smoke_params, "boxinst_s0", max_iter=3)
+    wa = torch.load(a / "model.pt", weights_only=True)["model"]
+    wb = torch.load(b / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_continues_from_the_saved_iteration(smoke_params):
+    _run(smoke_params, "mask_s0", max_iter=4, checkpoint_every=2, log_every=1)
+    result, run_dir = _run(smoke_params, "mask_s0", max_iter=6, checkpoint_every=2, log_every=1)
+    assert result["resumed_from"] == 4
+    assert [r["iteration"] for r in _log(run_dir)] == list(range(6))
+    assert load_latest_checkpoint(run_dir)["iteration"] == 6
+
+
+def test_non_finite_loss_stops_naming_iteration_and_terms(smoke_params, monkeypatch):
+    import sim_core.engine.trainer as trainer_module
+    from baselines import build_mask_loss
+
+    class NanAfterFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = build_mask_loss("mask", {})
+            self.calls = 0
+
+        def forward(self, inputs):
+            self.calls += 1
+            losses = self.inner(inputs)
+            if self.calls > 2:
+                losses["loss_mask"] = losses["loss_mask"] * float("nan")
+            return losses
+
+    monkeypatch.setattr(trainer_module, "build_mask_loss", lambda method, cfg: NanAfterFirst())
+    with pytest.raises(NonFiniteLossError) as info:
+        _run(smoke_params, "mask_s0", max_iter=5, checkpoint_every=1)
+    message = str(info.value)
+    assert "iteration 2" in message and "loss_mask=nan" in message and "loss_cls=" in message
+    run_dir = Path(smoke_params["train"]["runs_dir"]) / "mask_s0"
+    assert load_latest_checkpoint(run_dir)["iteration"] == 2  # the last good one is kept
+    assert not (run_dir / "model.pt").exists()
+
+
+def _cli(params_path: Path, run_dir: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "sim_core", "train", "--run", "boxinst_s0", "--params", str(params_path),
+            "--run-dir", str(run_dir), "--no-progress", *extra]
+
+
+def test_kill_and_resume_equals_uninterrupted(smoke_params, tmp_path):
+    """SIGKILL after a checkpoint, resume, and end with the weights of an uninterrupted run."""
+    smoke_params["train"].update(max_iter=14, checkpoint_every=2, log_every=1)
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(smoke_params))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    killed_dir, full_dir = tmp_path / "killed", tmp_path / "full"
+    proc = subprocess.Popen(_cli(params_path, killed_dir, []), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed_dir / "last.ckpt").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = load_latest_checkpoint(killed_dir)
+    assert state is not None and 0 < state["iteration"] < 14, "the kill should land mid-run"
+    assert not (killed_dir / "model.pt").exists()
+    resumed = subprocess.run(_cli(params_path, killed_dir, []), cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at" in resumed.stdout
+    full = subprocess.run(_cli(params_path, full_dir, []), cwd=REPO, env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr
+    a = torch.load(killed_dir / "model.pt", weights_only=True)["model"]
+    b = torch.load(full_dir / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    log = [json.loads(line)["iteration"] for line in (killed_dir / "train_log.jsonl").read_text().splitlines()]
+    assert log == list(range(14))
