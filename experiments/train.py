@@ -1,18 +1,27 @@
 """``simbench train --run NAME``: train one run of the params' ``runs`` matrix.
 
 Works unchanged under ``torchrun`` (one or many GPUs, one or many nodes) and
-resumes from ``runs/<run>/last.ckpt`` when one exists.
+resumes from ``runs/<run>/last.ckpt`` when one exists. When ``train.processes``
+is above 1 and the command is not already under torchrun, it launches that many
+local processes itself (torch's elastic launcher), so the dvc stage command
+stays the same for any process count.
+
+Under ``torchrun`` spell the run option ``--name``: torchrun's own parser
+claims every option that abbreviates one of its own (``--run`` abbreviates
+``--run-path``) even after the script name.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from experiments.common import add_params_arguments, load_params_from_args, run_dir_for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run name declared in params 'runs'")
+    parser.add_argument("--run", "--name", dest="run", required=True,
+                        help="run name declared in params 'runs' (--name under torchrun)")
     add_params_arguments(parser)
     parser.add_argument("--run-dir", default=None, help="output directory (default: <train.runs_dir>/<run>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -25,7 +34,30 @@ def main(args: argparse.Namespace) -> int:
     params = load_params_from_args(args)
     resolved = resolve_run(params, args.run)
     run_dir = run_dir_for(params, args.run, args.run_dir)
+    processes = int(resolved["train"].get("processes", 1))
+    if processes > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_local_processes(processes, args)
     result = train_run(resolved, run_dir, progress=not args.no_progress and sys.stderr.isatty())
     print(f"trained {args.run}: {result['iterations']} iterations"
           + (f" (resumed at {result['resumed_from']})" if result["resumed_from"] else "") + f" -> {run_dir}")
+    return 0
+
+
+def launch_local_processes(processes: int, args: argparse.Namespace) -> int:
+    """Start ``processes`` copies of this command on this machine (as torchrun would)."""
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    argv = ["-m", "sim_core", "train", "--name", args.run, "--params", args.params]
+    for override in args.overrides:
+        argv += ["--set", override]
+    if args.run_dir:
+        argv += ["--run-dir", args.run_dir]
+    if args.no_progress:
+        argv.append("--no-progress")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    elastic_launch(config, entrypoint=sys.executable)(*argv)
+    print(f"trained {args.run} with {processes} processes")
     return 0

@@ -4,7 +4,7 @@ The order is a pure function of ``(seed, iteration)``: position ``p`` of an
 infinite stream of per-epoch permutations holds image ``perm_{p // N}[p % N]``
 and its augmentation seed is derived from ``(seed, p)``. Iteration ``i`` takes
 positions ``[i*B, (i+1)*B)``; process ``r`` of ``W`` takes every W-th of them,
-split into equal micro-batches. So a resumed run, a 2-process run and a
+split into equal interleaved micro-batches. So a resumed run, a 2-process run and a
 1-process run with gradient accumulation all see the same images.
 """
 from __future__ import annotations
@@ -43,9 +43,10 @@ class IterationBatchSampler(Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for it in range(self.start_iter, self.max_iter):
             mine = [(int(self._perm(p // self.n)[p % self.n]), derive_seed(self.seed, 1, p)) for p in self.positions(it)]
-            size = len(mine) // self.micro
+            # Interleaved, so micro-batch k of one process holds exactly what
+            # process k of ``micro`` processes would hold.
             for k in range(self.micro):
-                yield mine[k * size:(k + 1) * size]
+                yield mine[k::self.micro]
 
     def __len__(self) -> int:
         return (self.max_iter - self.start_iter) * self.micro
