@@ -25,7 +25,8 @@ def lr_at(iteration: int, cfg: dict) -> float:
     return lr
 
 
-def build_optimizer(params: list[nn.Parameter] | nn.Module, cfg: dict) -> torch.optim.Optimizer:
+def build_optimizer(params: list | nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    """SGD or AdamW over parameters or parameter groups (a group may set its own weight_decay)."""
     if isinstance(params, nn.Module):
         params = [p for p in params.parameters() if p.requires_grad]
     name = cfg.get("optimizer", "sgd")

@@ -91,12 +91,29 @@ class Trainer:
 
             self.sim_state = SIMTrainingState(self.model, self.mask_loss, method_config(params, "sim"),
                                               num_classes=num_classes, seed=int(self.cfg["seed"]))
-        trainable = [p for m in (self.model, self.mask_loss) for p in m.parameters() if p.requires_grad]
-        self.trainable = trainable
-        self.optimizer = build_optimizer(trainable, self.cfg)
+        if self.dist.enabled and self.device.type == "cuda" and bool(self.cfg.get("sync_bn", False)):
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.trainable = [p for m in (self.model, self.mask_loss) for p in m.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self._param_groups(), self.cfg)
         self.use_amp = self.device.type == "cuda" and bool(self.cfg.get("amp", True))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.start_iter = 0
+
+    def _param_groups(self) -> list[dict]:
+        """Weight decay everywhere except where the backbone's recipe excludes it (Swin's norms/tables)."""
+        no_decay: set[str] = set()
+        if self.params["model"]["backbone"] == "swin_b":
+            from sim_core.model.swin import no_weight_decay_names
+
+            no_decay = {f"backbone.{name}" for name in no_weight_decay_names(self.model.backbone)}
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if n not in no_decay]
+        decay += [p for p in self.mask_loss.parameters() if p.requires_grad]
+        groups = [{"params": decay}]
+        exempt = [p for n, p in named if n in no_decay]
+        if exempt:
+            groups.append({"params": exempt, "weight_decay": 0.0})
+        return groups
 
     # -- checkpoints -------------------------------------------------------
     def state_dict(self, iteration: int) -> dict:
