@@ -73,7 +73,7 @@ def test_resnet50_strides_frozen_stages_and_weight_file_checks(tmp_path):
     assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {
         "c3": (512, 8, 8), "c4": (1024, 4, 4), "c5": (2048, 2, 2)}
     assert net.out_channels == {"c3": 512, "c4": 1024, "c5": 2048}
-    assert not any(p.requires_grad for p in net.stem.parameters())
+    assert not net.conv1.weight.requires_grad
     assert not any(p.requires_grad for p in net.layer1.parameters())
     assert all(p.requires_grad for p in net.layer2.parameters())
 
@@ -367,3 +367,43 @@ def test_bad_model_settings_are_input_errors():
         CondInst(2, {**DEMO_MODEL_CFG, "sizes_of_interest": [64]})
     with pytest.raises(InputError, match="model.gn_groups"):
         CondInst(2, {**DEMO_MODEL_CFG, "fpn_channels": 40})
+
+
+def _ddp_worker(rank: int, port: int, queue) -> None:
+    import datetime
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                           timeout=datetime.timedelta(seconds=30))
+    try:
+        locs = torch.tensor([[4.0, 4.0], [12.0, 4.0]])
+        boxes = [torch.tensor([[0.0, 0.0, 8.0, 8.0]]) if rank == 0 else torch.zeros(0, 4)]
+        labels = [torch.tensor([0]) if rank == 0 else torch.zeros(0, dtype=torch.long)]
+        a = assign_targets(locs, torch.tensor([8, 8]), torch.tensor([0, 0]), boxes, labels, [64], 0.0, 1)
+        losses = detection_losses(torch.zeros(1, 2, 1), torch.full((1, 2, 4), 4.0), torch.zeros(1, 2), locs, a)
+        queue.put((rank, {k: v.item() for k, v in losses.items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_normalisers_are_averaged_over_processes_without_deadlock():
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")  # children inherit the imports: fast
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    results = dict(queue.get(timeout=5) for _ in range(2))
+    # one positive over two processes: the normaliser is max(0.5, 1) = 1 on both
+    focal_pos, focal_neg = 0.25 * 0.25 * math.log(2.0), 0.75 * 0.25 * math.log(2.0)
+    assert results[0]["loss_cls"] == pytest.approx(focal_pos + focal_neg, rel=1e-5)
+    assert results[1]["loss_cls"] == pytest.approx(2 * focal_neg, rel=1e-5)
+    assert results[1]["loss_box"] == 0.0

@@ -12,7 +12,8 @@ Every backbone is an ``nn.Module`` whose ``forward(images)`` returns
   2 the stem and ``layer1`` (res2, the default), ... 5 everything.
   ``pretrained`` names a local state-dict file (torchvision's ImageNet
   ``resnet50-*.pth`` layout; ``fc.*`` is ignored) loaded with
-  ``torch.load(weights_only=True)``. Input is RGB normalised with the ImageNet
+  ``torch.load(weights_only=True)`` by ``sim_core.model.pretrained``, which
+  checks every key and shape and names the file in its error. Input is RGB normalised with the ImageNet
   mean/std, which is what torchvision's weights expect (AdelaiDet's MSRA
   weights use BGR; that is a difference of weight files, not of the method).
 * ``resnet_tiny``: a narrow ResNet (one BasicBlock per stage, widths
@@ -24,83 +25,48 @@ Every backbone is an ``nn.Module`` whose ``forward(images)`` returns
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet50, resnet101
 from torchvision.ops import FrozenBatchNorm2d
 
 from sim_core.errors import InputError
+from sim_core.model.pretrained import load_pretrained
 
 BACKBONES = ("resnet50", "resnet101", "resnet_tiny", "swin_b", "resnet101_dcn")
 
 
 class TorchvisionResNet(nn.Module):
-    """A torchvision ResNet cut after ``layer4``, returning C3, C4, C5."""
+    """A torchvision ResNet cut after ``layer4``, returning C3, C4, C5.
+
+    Submodules keep torchvision's names (``conv1``, ``bn1``, ``layer1``...), so
+    torchvision's ImageNet files load as they are.
+    """
 
     def __init__(self, depth: int, freeze_at: int = 2, pretrained: str | None = None):
         super().__init__()
-        builder = {50: resnet50, 101: resnet101}[depth]
-        net = builder(weights=None, norm_layer=FrozenBatchNorm2d)
-        if pretrained:
-            load_resnet_weights(net, pretrained)
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.out_channels = {"c3": 512, "c4": 1024, "c5": 2048}
-        self._freeze(freeze_at)
-
-    def _freeze(self, freeze_at: int) -> None:
         if not 0 <= freeze_at <= 5:
             raise InputError("model.freeze_at", f"must be an integer in 0..5, got {freeze_at!r}")
-        stages = [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
+        builder = {50: resnet50, 101: resnet101}[depth]
+        net = builder(weights=None, norm_layer=FrozenBatchNorm2d)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.out_channels = {"c3": 512, "c4": 1024, "c5": 2048}
+        if pretrained:
+            load_pretrained(self, pretrained, f"resnet{depth}")
+        stages = [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
         for stage in stages[:freeze_at]:
             for p in stage.parameters():
                 p.requires_grad_(False)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        x = self.layer1(self.stem(x))
-        c3 = self.layer2(x)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c3 = self.layer2(self.layer1(x))
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return {"c3": c3, "c4": c4, "c5": c5}
-
-
-def load_resnet_weights(net: nn.Module, path: str | Path) -> None:
-    """Load a torchvision-layout ResNet state dict, or say precisely why not."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("model.pretrained", f"weights file does not exist: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, non-torch files
-        raise InputError("model.pretrained", f"cannot read weights file {path}: {type(exc).__name__}: {exc}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise InputError("model.pretrained", f"{path} does not hold a state dict")
-    state = {k: v for k, v in state.items()
-             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-    own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state)
-                   if not isinstance(state[k], Tensor) or tuple(state[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if wrong:
-            k = wrong[0]
-            got = tuple(state[k].shape) if isinstance(state[k], Tensor) else type(state[k]).__name__
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {got}, model {tuple(own[k].shape)})")
-        raise InputError("model.pretrained",
-                         f"{path} does not match the torchvision ResNet architecture: " + "; ".join(parts))
-    net.load_state_dict(state, strict=False)
 
 
 def _norm(channels: int, kind: str) -> nn.Module:

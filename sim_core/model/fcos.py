@@ -226,11 +226,14 @@ def assign_targets(locations: Tensor, strides: Tensor, levels: Tensor, gt_boxes:
     )
 
 
-def mean_over_processes(value: float) -> float:
-    """Average a Python number over ``torch.distributed`` processes (identity otherwise)."""
+def mean_over_processes(value: float, device: torch.device | str = "cpu") -> float:
+    """Average a Python number over ``torch.distributed`` processes (identity otherwise).
+
+    ``device`` must suit the backend (a CUDA device for nccl, CPU for gloo).
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
 
@@ -240,7 +243,10 @@ def detection_losses(cls_logits: Tensor, box_reg: Tensor, centerness: Tensor, lo
                      focal_gamma: float = 2.0) -> dict[str, Tensor]:
     """``loss_cls`` (focal), ``loss_box`` (GIoU), ``loss_ctr`` (BCE); shapes [B,N,C], [B,N,4], [B,N]."""
     a = assignment
-    num_pos = max(mean_over_processes(a.num_pos), 1.0)
+    ctr_t = a.pos_ctr_targets
+    # Both all-reduces run on every process, also one without positives (collectives must match).
+    num_pos = max(mean_over_processes(a.num_pos, cls_logits.device), 1.0)
+    ctr_norm = max(mean_over_processes(float(ctr_t.sum()), cls_logits.device), 1e-6)
     target = torch.zeros_like(cls_logits)
     target[a.pos_im_inds, a.pos_loc_inds, a.pos_labels] = 1.0
     loss_cls = sigmoid_focal_loss(cls_logits, target, alpha=focal_alpha, gamma=focal_gamma, reduction="sum") / num_pos
@@ -250,8 +256,6 @@ def detection_losses(cls_logits: Tensor, box_reg: Tensor, centerness: Tensor, lo
     reg = box_reg[a.pos_im_inds, a.pos_loc_inds]
     pred_boxes = decode_boxes(locations[a.pos_loc_inds], reg)
     gt_boxes = a.gt_boxes[a.pos_gt_inds]
-    ctr_t = a.pos_ctr_targets
-    ctr_norm = max(mean_over_processes(float(ctr_t.sum())), 1e-6)
     loss_box = (generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="none") * ctr_t).sum() / ctr_norm
     ctr_pred = centerness[a.pos_im_inds, a.pos_loc_inds]
     loss_ctr = F.binary_cross_entropy_with_logits(ctr_pred, ctr_t, reduction="sum") / num_pos
