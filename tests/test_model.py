@@ -373,8 +373,9 @@ def _ddp_worker(rank: int, port: int, queue) -> None:
     import datetime
 
     import torch.distributed as dist
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                           timeout=datetime.timedelta(seconds=30))
+                           timeout=datetime.timedelta(seconds=300))
     try:
         locs = torch.tensor([[4.0, 4.0], [12.0, 4.0]])
         boxes = [torch.tensor([[0.0, 0.0, 8.0, 8.0]]) if rank == 0 else torch.zeros(0, 4)]
@@ -393,13 +394,14 @@ def test_loss_normalisers_are_averaged_over_processes_without_deadlock():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("fork")  # children inherit the imports: fast
+    # spawn, not fork: forking after torch has started its OpenMP threads can hang the child
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_ddp_worker, args=(r, port, queue)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(60)
+        p.join(600)
     assert all(p.exitcode == 0 for p in procs)
     results = dict(queue.get(timeout=5) for _ in range(2))
     # one positive over two processes: the normaliser is max(0.5, 1) = 1 on both

@@ -132,15 +132,16 @@ def test_distributed_update_all_reduces_sums_and_counts():
     """Two gloo processes with different statistics end with identical, jointly updated prototypes."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork")  # no re-import of torch: the test stays fast
+    # spawn, not fork: forking after torch has started its OpenMP threads can hang the child
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(rank, port, queue)) for rank in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=60) for _ in procs)
+    results = dict(queue.get(timeout=300) for _ in procs)
     for p in procs:
-        p.join(timeout=60)
+        p.join(timeout=300)
         assert p.exitcode == 0
     centroid = F.normalize(torch.tensor([4.0, 2.0]) / 4.0, dim=0)
     expected = F.normalize(0.5 * torch.tensor([1.0, 0.0]) + 0.5 * centroid, dim=0)
