@@ -295,7 +295,7 @@ def bench_ddp(s: BenchSettings) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "syn"
         prepare_synthetic(root, {"num_train": 64, "num_val": 8, "image_size": s.size, "preview_images": 4})
-        common = ["train", "--run", "mask_s0", "--params", str(REPO / "experiments" / "profiles" / "demo.yaml"),
+        common = ["train", "--name", "mask_s0", "--params", str(REPO / "experiments" / "profiles" / "demo.yaml"),
                   "--set", f"data.root={root}", "--set", f"train.max_iter={iters}", "--set", "train.batch_size=8",
                   "--set", "train.checkpoint_every=1000", "--no-progress"]
         timings = {}

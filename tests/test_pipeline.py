@@ -76,3 +76,29 @@ def test_dvc_metrics_show_lists_runs(reproduced):
     shown = _run([str(BIN / "dvc"), "metrics", "show", "--json"], clone, env)
     assert shown.returncode == 0, shown.stderr
     assert "mask_s0" in shown.stdout and "segm" in shown.stdout
+
+
+def test_dvc_exp_run_varies_one_setting(reproduced):
+    """`dvc exp run -S sim.alpha=0.3` makes an experiment that `dvc exp show` lists with that value."""
+    clone, env, _, _ = reproduced
+    env = {**env, "GIT_AUTHOR_NAME": "simbench", "GIT_AUTHOR_EMAIL": "simbench@localhost",
+           "GIT_COMMITTER_NAME": "simbench", "GIT_COMMITTER_EMAIL": "simbench@localhost"}
+    ran = _run([str(BIN / "dvc"), "exp", "run", "-S", "sim.alpha=0.3", "-n", "alpha03"], clone, env)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert "train@sim_s0" in ran.stdout and "train@mask_s0" not in ran.stdout
+    shown = _run([str(BIN / "dvc"), "exp", "show", "--json"], clone, env)
+    assert shown.returncode == 0, shown.stderr
+    assert "alpha03" in shown.stdout
+    assert 0.3 in list(_values_of(json.loads(shown.stdout), "alpha"))
+
+
+def _values_of(node, key):
+    """Every value stored under ``key`` anywhere in a json tree."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _values_of(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _values_of(item, key)

@@ -158,6 +158,16 @@ def _check_kind(key: str, value: Any, where: str) -> Any:
     raise InputError(where, f"key '{key}' must be a {type(default).__name__}, got {value!r}")
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with floats compared to 1e-6 (params files round long fractions such as 10000/90000)."""
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(float(a) - float(b)) <= 1e-6
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
 def resolve_sim_settings(cfg: Mapping[str, Any] | None, where: str = "params: sim") -> SIMSettings:
     """The concrete settings for a ``sim`` params section (see the module docstring)."""
     cfg = {k: v for k, v in (cfg or {}).items() if k not in PASSTHROUGH}
@@ -171,7 +181,7 @@ def resolve_sim_settings(cfg: Mapping[str, Any] | None, where: str = "params: si
     settings = dict(PAPER)
     if variant == "released_code":
         for key, value in RELEASED_CODE.items():
-            if key in given and given[key] != PAPER[key] and given[key] != value:
+            if key in given and not _same(given[key], PAPER[key]) and not _same(given[key], value):
                 raise InputError(where, f"key '{key}' = {given[key]!r} contradicts variant 'released_code' "
                                         f"(which uses {value!r}); remove the key or use variant 'paper'")
             settings[key] = value
