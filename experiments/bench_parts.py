@@ -320,35 +320,48 @@ def bench_ddp(s: BenchSettings) -> dict:
             "note": "wall time including process start-up; 2 cores shared by both processes"}
 
 
-def bench_backbones(s: BenchSettings) -> dict:
-    """Forward+backward seconds of each backbone + neck at a paper-like 512x512 input, batch 1."""
+def _backbone_step(name: str, extra: dict) -> dict:
+    """Time one backbone + neck; run in a child process so its peak memory is its own."""
     from sim_core.model.backbone import build_backbone
     from sim_core.model.condinst import DEFAULT_MODEL_CFG
     from sim_core.model.neck import build_neck
 
-    configs = {
-        "resnet50_fpn": {"backbone": "resnet50"},
-        "resnet101_fpn": {"backbone": "resnet101"},
-        "resnet101_dcn_bifpn": {"backbone": "resnet101_dcn", "neck": "bifpn", "fpn_channels": 160,
-                                "bifpn_channels": 160, "bifpn_repeats": 6, "bifpn_norm": "GN"},
-        "swin_b_fpn": {"backbone": "swin_b", "freeze_at": 0},
-    }
+    cfg = {**DEFAULT_MODEL_CFG, **extra}
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg)
+    neck = build_neck(cfg, backbone.out_channels)
     x = torch.randn(1, 3, 512, 512)
-    out: dict = {"input": "1x3x512x512", "unit": "seconds per forward+backward"}
-    for name, extra in configs.items():
-        cfg = {**DEFAULT_MODEL_CFG, **extra}
-        try:
-            torch.manual_seed(0)
-            backbone = build_backbone(cfg)
-            neck = build_neck(cfg, backbone.out_channels)
 
-            def step() -> None:
-                feats = neck(backbone(x))
-                sum(f.float().mean() for f in feats).backward()
+    def step() -> None:
+        feats = neck(backbone(x))
+        sum(f.float().mean() for f in feats).backward()
 
-            out[name] = round(time_it(step, 1, warmup=1), 3)
-            out[f"{name}_params_m"] = round(sum(p.numel() for m in (backbone, neck) for p in m.parameters()) / 1e6, 2)
-        except Exception as exc:
-            out[name] = f"failed: {type(exc).__name__}: {exc}"
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    seconds = time_it(step, 1, warmup=1)
+    return {"seconds": round(seconds, 3),
+            "params_m": round(sum(p.numel() for m in (backbone, neck) for p in m.parameters()) / 1e6, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+BACKBONES = {
+    "resnet50_fpn": {"backbone": "resnet50"},
+    "resnet101_fpn": {"backbone": "resnet101"},
+    "resnet101_dcn_bifpn": {"backbone": "resnet101_dcn", "neck": "bifpn", "fpn_channels": 160,
+                            "bifpn_channels": 160, "bifpn_repeats": 6, "bifpn_norm": "GN"},
+    "swin_b_fpn": {"backbone": "swin_b", "freeze_at": 0},
+}
+
+
+def bench_backbones(s: BenchSettings) -> dict:
+    """Forward+backward seconds and peak memory of each backbone + neck at 512x512, batch 1."""
+    import json
+
+    out: dict = {"input": "1x3x512x512", "unit": "seconds per forward+backward, MB peak resident memory"}
+    for name, extra in BACKBONES.items():
+        code = ("import json; from experiments.bench_parts import _backbone_step; "
+                f"print(json.dumps(_backbone_step({name!r}, {extra!r})))")
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=1800)
+        if done.returncode:
+            out[name] = "failed: " + (done.stderr.strip().splitlines() or ["?"])[-1]
+        else:
+            out[name] = json.loads(done.stdout.strip().splitlines()[-1])
     return out
