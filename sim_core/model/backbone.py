@@ -56,6 +56,10 @@ class TorchvisionResNet(nn.Module):
         self.out_channels = {"c3": 512, "c4": 1024, "c5": 2048}
         if pretrained:
             load_pretrained(self, pretrained, f"resnet{depth}")
+        self.freeze(freeze_at)
+
+    def freeze(self, freeze_at: int) -> None:
+        """Stop gradients in the stem and the first ``freeze_at - 1`` stages (detectron2's FREEZE_AT)."""
         stages = [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
         for stage in stages[:freeze_at]:
             for p in stage.parameters():

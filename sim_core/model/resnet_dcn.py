@@ -52,10 +52,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet101
-from torchvision.ops import DeformConv2d, FrozenBatchNorm2d, deform_conv2d
+from torchvision.ops import DeformConv2d, deform_conv2d
 
 from sim_core.errors import InputError
+from sim_core.model.backbone import TorchvisionResNet
 from sim_core.model.pretrained import load_pretrained
 
 DCN_LAYERS = ("layer2", "layer3", "layer4")  # res3, res4, res5
@@ -97,39 +97,22 @@ def dcn_block_indices(num_blocks: int, interval: int) -> list[int]:
     return [i for i in range(num_blocks) if i % interval == 0]
 
 
-class ResNetDCN(nn.Module):
+class ResNetDCN(TorchvisionResNet):
     """torchvision ResNet-101 with DCN in res3-res5, returning C3, C4, C5."""
 
     pretrained_allowed_missing = ("*.conv_offset.*",)
 
     def __init__(self, interval: int = 3, modulated: bool = True, freeze_at: int = 2):
-        super().__init__()
         if not isinstance(interval, int) or interval < 1:
             raise InputError("model.dcn_interval", f"must be an integer >= 1, got {interval!r}")
         if not 0 <= freeze_at <= 5:
             raise InputError("model.freeze_at", f"must be an integer in 0..5, got {freeze_at!r}")
-        net = resnet101(weights=None, norm_layer=FrozenBatchNorm2d)
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        super().__init__(101, freeze_at=0)  # frozen below, once the offset convs exist
         for name in DCN_LAYERS:
             layer = getattr(self, name)
             for i in dcn_block_indices(len(layer), interval):
                 layer[i].conv2 = OffsetDeformConv3x3(layer[i].conv2, modulated)
-        self.out_channels = {"c3": 512, "c4": 1024, "c5": 2048}
-        self._freeze(freeze_at)
-
-    def _freeze(self, freeze_at: int) -> None:
-        stages = [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
-        for stage in stages[:freeze_at]:
-            for p in stage.parameters():
-                p.requires_grad_(False)
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c3 = self.layer2(self.layer1(x))
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return {"c3": c3, "c4": c4, "c5": c5}
+        self.freeze(freeze_at)
 
 
 def build_resnet_dcn(cfg: dict[str, Any]) -> ResNetDCN:
