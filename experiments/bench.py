@@ -7,7 +7,7 @@ scikit-image per image, faster-coco-eval against pycocotools). Nothing here
 asserts a speed; tests never time anything.
 
 Sections (``--only`` picks some): ``methods``, ``engine_vs_torchvision``,
-``lab``, ``coco_eval``, ``data``, ``memory``, ``ddp``, ``backbones``.
+``lab``, ``coco_eval``, ``data``, ``mask_grid``, ``memory``, ``ddp``, ``backbones``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import platform
 import time
 from pathlib import Path
 
-SECTIONS = ("methods", "engine_vs_torchvision", "lab", "coco_eval", "data", "memory", "ddp", "backbones")
+SECTIONS = ("methods", "engine_vs_torchvision", "lab", "coco_eval", "data", "mask_grid", "memory", "ddp",
+            "backbones")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

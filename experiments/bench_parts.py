@@ -273,6 +273,22 @@ def bench_data(s: BenchSettings) -> dict:
             "loader_share_of_iteration": round(consume / load_rate, 3)}
 
 
+def bench_mask_grid(s: BenchSettings) -> dict:
+    """Mask AP ceiling of a stride-8 vs stride-4 mask grid on the params' synthetic val set."""
+    from sim_core.data.prepare import prepare_synthetic
+    from sim_core.evaluation.grid_ceiling import grid_ceiling
+
+    cfg = dict(s.params.get("synthetic") or {})
+    cfg.update({"num_train": 1, "preview_images": 1})
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "syn"
+        prepare_synthetic(root, cfg)
+        ceiling = grid_ceiling(root / "val.json", strides=(8, 4))
+    return {"val_images": cfg.get("num_val"), "image_size": cfg.get("image_size"),
+            "oracle_mask_ap_stride8": round(ceiling[8], 4), "oracle_mask_ap_stride4": round(ceiling[4], 4),
+            "note": "GT masks average-pooled to the grid, bilinearly upsampled, thresholded at 0.5"}
+
+
 def bench_memory(s: BenchSettings) -> dict:
     """Peak resident memory of a short demo training in a child process."""
     code = (

@@ -125,7 +125,12 @@ def evaluate_per_image(gt: COCO, results: list[dict], where: str = "results") ->
             dtig = np.concatenate(ignores, axis=1)[:, order].astype(bool)
         else:
             det_image, dtm, dtig = np.zeros(0, np.int64), np.zeros((n_thr, 0), bool), np.zeros((n_thr, 0), bool)
-        categories.append(CategoryRecords(det_image, dtm & ~dtig, ~dtm & ~dtig, npig))
+        tps, fps = dtm & ~dtig, ~dtm & ~dtig
+        # Detections after the last true positive (at every IoU threshold) change no
+        # AP: recall stops growing there and their precision is below the precision at
+        # that TP, so the envelope ignores them. Dropping them saves most of the work.
+        keep = int(np.flatnonzero(tps.any(axis=0))[-1]) + 1 if tps.any() else 0
+        categories.append(CategoryRecords(det_image[:keep], tps[:, :keep], fps[:, :keep], npig))
     return PerImageEval(list(p.imgIds), categories, np.asarray(p.recThrs, np.float64),
                         np.asarray(p.iouThrs, np.float64))
 
@@ -152,9 +157,9 @@ def _category_ap(cat: CategoryRecords, counts: np.ndarray, rec_thrs: np.ndarray)
     if n_d == 0:
         out[valid] = 0.0
         return out
-    weights = counts[:, cat.det_image]                                          # [B, D]
-    tp = np.cumsum(weights[:, None, :] * cat.tps[None], axis=2)                  # [B, T, D]
-    fp = np.cumsum(weights[:, None, :] * cat.fps[None], axis=2)
+    weights = counts[:, cat.det_image].astype(np.int32)                         # [B, D]
+    tp = np.cumsum(weights[:, None, :] * cat.tps[None], axis=2, dtype=np.int32)  # [B, T, D]
+    fp = np.cumsum(weights[:, None, :] * cat.fps[None], axis=2, dtype=np.int32)
     tp_f = tp.astype(np.float64)
     pr = tp_f / (fp + tp_f + np.spacing(1))
     pr = np.maximum.accumulate(pr[..., ::-1], axis=2)[..., ::-1]                 # precision envelope

@@ -176,7 +176,7 @@ def test_dcn_blocks_follow_adelaidet_interval(dcn):
 
 
 def test_dcn_outputs_and_freezing(dcn):
-    assert dcn.out_channels == {"c3": 512, "c4": 1024, "c5": 2048}
+    assert dcn.out_channels == {"c2": 256, "c3": 512, "c4": 1024, "c5": 2048}
     dcn.eval()
     with torch.no_grad():
         out = dcn(torch.randn(1, 3, 64, 96))

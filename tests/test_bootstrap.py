@@ -132,6 +132,31 @@ def test_counts_equal_explicit_duplication() -> None:
     assert ours == pytest.approx(cocoeval_ap(make_coco(dup), dup_results), abs=1e-6)
 
 
+def test_trailing_false_positives_are_dropped_without_changing_any_resample() -> None:
+    """Detections after the last TP are trimmed; a resample without the last TP's image still matches COCOeval."""
+    dataset, masks = build_dataset(5, n_images=10)
+    gt = make_coco(dataset)
+    results = perfect_results(dataset, masks)
+    last = min(results, key=lambda r: r["score"])
+    for image in dataset["images"]:  # low-score false positives trailing every TP
+        for k in range(4):
+            results.append({"image_id": image["id"], "category_id": 3, "score": 0.01 + 0.001 * k,
+                            "segmentation": _rle(np.roll(masks[0], 20, axis=1) & ~masks[0])})
+    ev = evaluate_per_image(gt, results)
+    total = sum(1 for r in results if r["category_id"] == 3)
+    assert sum(c.tps.shape[1] for c in ev.categories if c.npig.sum()) < len(results)
+    assert ev.categories[0].tps.shape[1] < total
+    counts = np.ones((1, 10), dtype=np.int64)
+    counts[0, last["image_id"] - 1] = 0
+    kept_ids = {im["id"] for im in dataset["images"]} - {last["image_id"]}
+    sub = copy.deepcopy(dataset)
+    sub["images"] = [im for im in sub["images"] if im["id"] in kept_ids]
+    sub["annotations"] = [a for a in sub["annotations"] if a["image_id"] in kept_ids]
+    expected = cocoeval_ap(make_coco(sub), [r for r in results if r["image_id"] in kept_ids])
+    assert ap_for_counts(ev, counts)[0] == pytest.approx(expected, abs=1e-6)
+    assert full_ap(ev) == pytest.approx(cocoeval_ap(gt, results), abs=1e-6)
+
+
 def test_doubling_every_image_keeps_ap() -> None:
     dataset, masks = build_dataset(4)
     ev = evaluate_per_image(make_coco(dataset), noisy_results(dataset, masks, 14, False))

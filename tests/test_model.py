@@ -13,7 +13,7 @@ from sim_core.errors import InputError
 from sim_core.model.backbone import build_backbone
 from sim_core.model.condinst import DEMO_MODEL_CFG, CondInst, DetectorOutputs, box_masks, gt_bitmasks
 from sim_core.model.fcos import assign_targets, compute_locations, detection_losses
-from sim_core.model.mask_head import aligned_bilinear
+from sim_core.model.mask_head import MaskBranch, aligned_bilinear
 from sim_core.model.neck import build_neck
 from sim_core.model.postprocess import select_detections
 
@@ -71,8 +71,8 @@ def test_resnet50_strides_frozen_stages_and_weight_file_checks(tmp_path):
     net = build_backbone({"backbone": "resnet50", "freeze_at": 2})
     out = net(torch.randn(1, 3, 64, 64))
     assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {
-        "c3": (512, 8, 8), "c4": (1024, 4, 4), "c5": (2048, 2, 2)}
-    assert net.out_channels == {"c3": 512, "c4": 1024, "c5": 2048}
+        "c2": (256, 16, 16), "c3": (512, 8, 8), "c4": (1024, 4, 4), "c5": (2048, 2, 2)}
+    assert net.out_channels == {"c2": 256, "c3": 512, "c4": 1024, "c5": 2048}
     assert not net.conv1.weight.requires_grad
     assert not any(p.requires_grad for p in net.layer1.parameters())
     assert all(p.requires_grad for p in net.layer2.parameters())
@@ -409,3 +409,24 @@ def test_loss_normalisers_are_averaged_over_processes_without_deadlock():
     assert results[0]["loss_cls"] == pytest.approx(focal_pos + focal_neg, rel=1e-5)
     assert results[1]["loss_cls"] == pytest.approx(2 * focal_neg, rel=1e-5)
     assert results[1]["loss_box"] == 0.0
+
+
+def test_stride4_mask_branch_reads_c2_and_skips_upsampling():
+    torch.manual_seed(0)
+    cfg = {**DEMO_MODEL_CFG, "mask_feat_stride": 4}
+    model = CondInst(3, cfg)
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.mask_feats.shape == (2, cfg["mask_out_channels"], 16, 16)
+    logits = model.instance_mask_logits(out.mask_feats, out.controllers[0, :5], out.locations[:5],
+                                        torch.zeros(5, dtype=torch.long), out.strides[:5])
+    assert logits.shape == (5, 1, 16, 16)
+    # The C2 path is used: changing it changes the mask features.
+    feats = model.backbone(torch.randn(1, 3, 64, 64))
+    pyramid = model.neck(feats)
+    a = model.mask_branch(pyramid, feats["c2"])
+    b = model.mask_branch(pyramid, feats["c2"] + 1.0)
+    assert not torch.allclose(a, b)
+    with pytest.raises(InputError, match="mask_feat_stride"):
+        CondInst(3, {**DEMO_MODEL_CFG, "mask_feat_stride": 2})
+    with pytest.raises(InputError, match="stride-4 output"):
+        MaskBranch(8, 8, 1, 4, "GN", out_stride=4, detail_channels=None)

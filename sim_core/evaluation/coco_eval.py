@@ -148,7 +148,7 @@ def run_coco_eval(
     check_gt_for_eval(gt, gt_where, iou_types)
     thresholds, requested = _thresholds(iou_thrs)
 
-    gt_api = _make_gt(gt, backend)  # one copy per call: COCOeval writes into the annotations
+    gt_api = make_gt_api(gt, backend)  # one copy per call: COCOeval writes into the annotations
     loaded: dict[str, tuple[str, list]] = {}
     metrics: dict[str, dict[str, float | None]] = {}
     summaries: dict[str, str] = {}
@@ -192,7 +192,8 @@ def _thresholds(iou_thrs: Sequence[float] | None) -> tuple[np.ndarray, list[floa
     return np.array(merged), requested
 
 
-def _make_gt(gt: dict, backend: str):
+def make_gt_api(gt: dict, backend: str):
+    """A COCO API object (pycocotools or faster-coco-eval) over a copy of ``gt``."""
     try:  # a JSON round trip copies a large COCO dict several times faster than deepcopy
         data = json.loads(json.dumps(gt))
     except (TypeError, ValueError):

@@ -3,6 +3,8 @@
 Every backbone is an ``nn.Module`` whose ``forward(images)`` returns
 ``{"c3": ..., "c4": ..., "c5": ...}`` and which carries
 ``out_channels: dict[str, int]`` so the neck can be built without a dry run.
+The ResNets and ``resnet_tiny`` also return ``"c2"`` (stride 4), which the
+mask branch reads when ``model.mask_feat_stride`` is 4 (the CPU demo).
 
 * ``resnet50`` / ``resnet101``: torchvision's ResNets built with
   ``weights=None`` (no download, ever) and ``FrozenBatchNorm2d``, as detectron2
@@ -39,7 +41,7 @@ BACKBONES = ("resnet50", "resnet101", "resnet_tiny", "swin_b", "resnet101_dcn")
 
 
 class TorchvisionResNet(nn.Module):
-    """A torchvision ResNet cut after ``layer4``, returning C3, C4, C5.
+    """A torchvision ResNet cut after ``layer4``, returning C2 (stride 4), C3, C4, C5.
 
     Submodules keep torchvision's names (``conv1``, ``bn1``, ``layer1``...), so
     torchvision's ImageNet files load as they are.
@@ -53,7 +55,7 @@ class TorchvisionResNet(nn.Module):
         net = builder(weights=None, norm_layer=FrozenBatchNorm2d)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.out_channels = {"c3": 512, "c4": 1024, "c5": 2048}
+        self.out_channels = {"c2": 256, "c3": 512, "c4": 1024, "c5": 2048}
         if pretrained:
             load_pretrained(self, pretrained, f"resnet{depth}")
         self.freeze(freeze_at)
@@ -66,11 +68,11 @@ class TorchvisionResNet(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c3 = self.layer2(self.layer1(x))
+        c2 = self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+        c3 = self.layer2(c2)
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
-        return {"c3": c3, "c4": c4, "c5": c5}
+        return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
 
 
 def _norm(channels: int, kind: str) -> nn.Module:
@@ -122,17 +124,17 @@ class TinyResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
             cin = w
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.out_channels = {"c3": widths[1], "c4": widths[2], "c5": widths[3]}
+        self.out_channels = {"c2": widths[0], "c3": widths[1], "c4": widths[2], "c5": widths[3]}
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        x = self.layer1(self.stem(x))
-        c3 = self.layer2(x)
+        c2 = self.layer1(self.stem(x))
+        c3 = self.layer2(c2)
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
-        return {"c3": c3, "c4": c4, "c5": c5}
+        return {"c2": c2, "c3": c3, "c4": c4, "c5": c5}
 
 
 def build_backbone(cfg: dict[str, Any]) -> nn.Module:

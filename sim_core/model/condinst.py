@@ -28,6 +28,7 @@ center_sampling_radius    1.5                 1.5             FCOS centre sampli
 mask_branch_channels      128                 64              width of the mask branch
 mask_branch_convs         4                   2               3x3 convs after the P3-P5 fusion
 mask_branch_norm          BN                  GN              BN | GN | none in the mask branch
+mask_feat_stride          8                   4               stride of the mask features (4 adds C2; see mask_head)
 mask_out_channels         16                  8               mask feature channels (CondInst 8; BoxInst/SIM 16)
 dyn_channels              8                   8               width of the dynamic mask head
 dyn_layers                3                   3               layers of the dynamic mask head
@@ -40,7 +41,8 @@ max_detections            100                 100             inference: detecti
 pre_nms_topk              1000                1000            inference: candidates per level before NMS
 ========================  ==================  ==============  ==================================================
 
-Mask stride is 4 and the mask branch stride 8, as CondInst.
+Mask stride is 4 and the mask branch stride 8, as CondInst; the demo runs the
+mask branch at stride 4 (reason in ``sim_core/model/mask_head.py``).
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ DEFAULT_MODEL_CFG: dict[str, Any] = {
     "neck": "fpn", "fpn_channels": 256, "fpn_levels": [3, 4, 5, 6, 7],
     "head_convs": 4, "head_norm": "GN", "gn_groups": 32, "prior_prob": 0.01, "box_activation": "relu",
     "sizes_of_interest": [64, 128, 256, 512], "center_sampling_radius": 1.5,
-    "mask_branch_channels": 128, "mask_branch_convs": 4, "mask_branch_norm": "BN", "mask_out_channels": 16,
+    "mask_branch_channels": 128, "mask_branch_convs": 4, "mask_branch_norm": "BN", "mask_feat_stride": 8,
+    "mask_out_channels": 16,
     "dyn_channels": 8, "dyn_layers": 3, "topk_masks_per_image": 64,
     "focal_alpha": 0.25, "focal_gamma": 2.0,
     "score_thresh": 0.05, "nms_thresh": 0.6, "max_detections": 100, "pre_nms_topk": 1000,
@@ -75,7 +78,8 @@ DEMO_MODEL_CFG: dict[str, Any] = {
     **DEFAULT_MODEL_CFG,
     "backbone": "resnet_tiny", "freeze_at": 0, "fpn_channels": 64, "fpn_levels": [3, 4, 5],
     "head_convs": 2, "gn_groups": 16, "sizes_of_interest": [32, 64],
-    "mask_branch_channels": 64, "mask_branch_convs": 2, "mask_branch_norm": "GN", "mask_out_channels": 8,
+    "mask_branch_channels": 64, "mask_branch_convs": 2, "mask_branch_norm": "GN", "mask_feat_stride": 8,
+    "mask_out_channels": 8,
 }
 PIXEL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 PIXEL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -104,7 +108,7 @@ class DetectorOutputs:
     locations: Tensor  # [N, 2] (x, y) pixel centre of each location
     strides: Tensor  # [N]
     levels: Tensor  # [N] level index, 0 = first FPN level
-    mask_feats: Tensor  # [B, Cm, H/8, W/8]
+    mask_feats: Tensor  # [B, Cm, H/s, W/s], s = model.mask_feat_stride
     num_per_level: list[int] = field(default_factory=list)
 
 
@@ -133,13 +137,17 @@ class CondInst(nn.Module):
         self.backbone = build_backbone(cfg)
         self.neck = build_neck(cfg, self.backbone.out_channels)
         channels = int(cfg["fpn_channels"])
+        mask_feat_stride = int(cfg["mask_feat_stride"])
         self.mask_head = DynamicMaskHead(int(cfg["mask_out_channels"]), int(cfg["dyn_channels"]),
-                                         int(cfg["dyn_layers"]), soi, self.fpn_strides, MASK_STRIDE)
+                                         int(cfg["dyn_layers"]), soi, self.fpn_strides, MASK_STRIDE,
+                                         feat_stride=mask_feat_stride)
         self.head = FCOSHead(channels, num_classes, int(cfg["head_convs"]), self.fpn_strides,
                              self.mask_head.num_params, cfg["head_norm"], int(cfg["gn_groups"]),
                              float(cfg["prior_prob"]), cfg["box_activation"])
         self.mask_branch = MaskBranch(channels, int(cfg["mask_branch_channels"]), int(cfg["mask_branch_convs"]),
-                                      int(cfg["mask_out_channels"]), cfg["mask_branch_norm"])
+                                      int(cfg["mask_out_channels"]), cfg["mask_branch_norm"],
+                                      out_stride=mask_feat_stride,
+                                      detail_channels=self.backbone.out_channels.get("c2"))
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
 
@@ -168,11 +176,12 @@ class CondInst(nn.Module):
 
     # ------------------------------------------------------------------ network
     def forward(self, images_norm: Tensor) -> DetectorOutputs:
-        pyramid = self.neck(self.backbone(images_norm))
+        feats = self.backbone(images_norm)
+        pyramid = self.neck(feats)
         if len(pyramid) != len(self.fpn_strides):
             raise ValueError(f"neck returned {len(pyramid)} levels, expected {len(self.fpn_strides)}")
         cls, box, ctr, ctl = self.head(pyramid)
-        mask_feats = self.mask_branch(pyramid)
+        mask_feats = self.mask_branch(pyramid, feats.get("c2") if self.mask_branch.detail is not None else None)
         device = images_norm.device
         locs, strides, levels, counts = [], [], [], []
         for level, (feat, stride) in enumerate(zip(pyramid, self.fpn_strides)):

@@ -6,6 +6,17 @@ bilinear upsampling and summed; ``mask_branch_convs`` more 3x3 convs and a 1x1
 conv give ``mask_out_channels`` channels at stride 8 (8 in CondInst, 16 in
 BoxInst's and SIM's configs, where SIM's prototypes live in this space).
 
+``mask_feat_stride: 4`` (the CPU demo's setting; CondInst and the papers use 8)
+adds the backbone's stride-4 map C2 through a 3x3 conv and sums it with the
+x2-upsampled P3-P5 fusion, so the tower, the mask features and the dynamic
+head run at stride 4 and no logit upsampling is needed. Why the demo needs it:
+a 128-pixel demo image is about six times smaller than a COCO image at test
+size 800, so a stride-8 grid gives a 40-88 pixel demo object 5-11 cells where
+a typical COCO object gets several times more. Even a perfect stride-8 mask,
+bilinearly upsampled, scores only 77 mask AP on the demo validation set
+against 95 at stride 4 (``docs/architecture.md``): at stride 8 the demo would
+measure the grid, not the methods.
+
 Dynamic mask head: for each instance, the controller predicted at its FCOS
 location is split into the weights and biases of ``dyn_layers`` 1x1 convs
 (``dyn_channels`` wide, ReLU between, one output channel). The input of the
@@ -14,8 +25,8 @@ first layer is the image's mask features plus two relative-coordinate channels,
 instances run at once. CondInst writes this as one grouped 1x1 convolution
 (``groups = P``); simbench computes the identical product as a batched matrix
 multiply (``baddbmm``), which is about 3x faster forward+backward on CPU (the
-tests check equality with the grouped convolution). The stride-8 logits are
-upsampled x2 to the mask stride 4.
+tests check equality with the grouped convolution). Logits at the mask
+feature stride (8) are upsampled x2 to the mask stride 4.
 
 Aligned bilinear upsampling (CondInst): plain ``interpolate(align_corners=False)``
 shifts content by half an input pixel relative to the convention that cell
@@ -66,18 +77,38 @@ def _conv_block(cin: int, cout: int, norm: str) -> nn.Sequential:
 
 
 class MaskBranch(nn.Module):
-    """P3 + up(P4) + up(P5) -> convs -> ``out_channels`` mask features at stride 8."""
+    """P3 + up(P4) + up(P5) [+ C2] -> convs -> ``out_channels`` mask features at ``out_stride``.
 
-    def __init__(self, in_channels: int, channels: int, num_convs: int, out_channels: int, norm: str = "BN"):
+    ``detail_channels`` (the backbone's C2 width) is needed when ``out_stride`` is 4.
+    """
+
+    def __init__(self, in_channels: int, channels: int, num_convs: int, out_channels: int, norm: str = "BN",
+                 out_stride: int = 8, detail_channels: int | None = None):
         super().__init__()
+        if out_stride not in (4, 8):
+            raise InputError("model.mask_feat_stride", f"must be 8 (CondInst) or 4, got {out_stride!r}")
         self.refine = nn.ModuleList(_conv_block(in_channels, channels, norm) for _ in range(3))
+        self.detail: nn.Module | None = None
+        if out_stride == 4:
+            if not detail_channels:
+                raise InputError("model.mask_feat_stride",
+                                 "4 needs a backbone with a stride-4 output (C2): resnet*, resnet_tiny")
+            self.detail = _conv_block(detail_channels, channels, norm)
         self.tower = nn.Sequential(*[_conv_block(channels, channels, norm) for _ in range(num_convs)],
                                    nn.Conv2d(channels, out_channels, 1))
         self.out_channels = out_channels
-        self.out_stride = 8
+        self.out_stride = out_stride
 
-    def forward(self, feats: list[Tensor]) -> Tensor:
-        """``feats`` are the FPN maps starting at P3; only P3-P5 are used."""
+    def forward(self, feats: list[Tensor], detail: Tensor | None = None) -> Tensor:
+        """``feats`` are the FPN maps starting at P3 (only P3-P5 are used); ``detail`` is C2."""
+        x = self._fuse_pyramid(feats)
+        if self.detail is not None:
+            if detail is None:
+                raise ValueError("a stride-4 mask branch needs the backbone's C2 map")
+            x = self.detail(detail) + aligned_bilinear(x, 2)
+        return self.tower(x)
+
+    def _fuse_pyramid(self, feats: list[Tensor]) -> Tensor:
         x = self.refine[0](feats[0])
         for level in (1, 2):
             y = self.refine[level](feats[level])
@@ -86,7 +117,7 @@ class MaskBranch(nn.Module):
                 raise ValueError(f"FPN level sizes {tuple(x.shape[-2:])} and {tuple(y.shape[-2:])} "
                                  "are not an integer factor apart; pad inputs to a multiple of 32")
             x = x + aligned_bilinear(y, factor)
-        return self.tower(x)
+        return x
 
 
 class DynamicMaskHead(nn.Module):

@@ -27,7 +27,7 @@ from sim_core.sim.self_correction import instance_probability_map, iou_weights
 class TeacherPredictions:
     """Teacher outputs at the positives of one batch (row ``k`` = positive ``k`` of the assignment)."""
 
-    mask_feats: Tensor  # [B, D, H/8, W/8] teacher mask features Z'
+    mask_feats: Tensor  # [B, D, H/s, W/s] teacher mask features Z' (s = model.mask_feat_stride)
     pos_probs: Tensor  # [K, H/4, W/4] teacher mask probabilities
     pos_boxes: Tensor  # [K, 4] teacher predicted boxes (xyxy)
     pos_gt_inds: Tensor  # [K] batch-flat GT index of each positive
@@ -59,7 +59,8 @@ def run_teacher(teacher: nn.Module, images_norm: Tensor, assignment, chunk: int 
             logits = net.instance_mask_logits(out.mask_feats, out.controllers[i, l_], out.locations[l_], i,
                                               out.strides[l_])
             probs.append(logits.sigmoid()[:, 0].float())
-        h, w = out.mask_feats.shape[-2] * 2, out.mask_feats.shape[-1] * 2
+        factor = net.mask_head.feat_stride // net.mask_head.out_stride
+        h, w = out.mask_feats.shape[-2] * factor, out.mask_feats.shape[-1] * factor
         pos_probs = torch.cat(probs) if probs else out.mask_feats.new_zeros((0, h, w))
         pos_boxes = net.decode_boxes(out.locations[loc], out.box_reg[im, loc]).float()
     finally:
