@@ -37,6 +37,7 @@ from torch import Tensor
 __all__ = [
     "neighbour_offsets",
     "unfold_neighbours",
+    "channel_distance",
     "images_to_lab",
     "valid_at_mask_stride",
     "color_similarity",
@@ -95,6 +96,15 @@ def valid_at_mask_stride(image_valid: Tensor, stride: int, ignore_bottom_px: int
     return valid[:, start::stride, start::stride].to(torch.float32)
 
 
+def channel_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Euclidean distance over dim 1 of ``a - b``.
+
+    Written out because ``torch.linalg.vector_norm(..., dim=1)`` takes a slow
+    path on CPU for these 5-d neighbour stacks (about 80x slower at demo size).
+    """
+    return (a - b).square().sum(dim=1).sqrt()
+
+
 def color_similarity(images_lab: Tensor, image_valid: Tensor, kernel: int = 3,
                      dilation: int = 2) -> Tensor:
     """``exp(-||LAB_i - LAB_j|| / 2)`` for every pixel and neighbour: ``[B, K, h, w]``.
@@ -103,7 +113,7 @@ def color_similarity(images_lab: Tensor, image_valid: Tensor, kernel: int = 3,
     neighbour is invalid or outside the map get 0.
     """
     neighbours = unfold_neighbours(images_lab, kernel, dilation)  # [B, 3, K, h, w]
-    distance = torch.linalg.vector_norm(images_lab.unsqueeze(2) - neighbours, dim=1)
+    distance = channel_distance(images_lab.unsqueeze(2), neighbours)
     neighbour_valid = unfold_neighbours(image_valid.unsqueeze(1).to(images_lab.dtype),
                                         kernel, dilation)[:, 0]
     return torch.exp(-0.5 * distance) * neighbour_valid

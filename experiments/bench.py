@@ -22,7 +22,8 @@ SECTIONS = ("methods", "engine_vs_torchvision", "lab", "coco_eval", "data", "mas
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="reports/out/bench.json", help="json file to write")
+    parser.add_argument("--out", default="reports/bench.json",
+                        help="json file to write (outside reports/out/, which the report stage replaces)")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per measurement")
     parser.add_argument("--batch", type=int, default=8, help="demo batch size")

@@ -284,3 +284,12 @@ def test_colour_similarity_on_a_real_coco_image():
     # a real photo has both similar (>= 0.3) and dissimilar neighbours
     inner = sim[0][:, : last_valid_row - 2, 1: w // 4 - 2]
     assert (inner >= 0.3).float().mean() > 0.05 and (inner < 0.3).float().mean() > 0.05
+
+
+def test_channel_distance_equals_vector_norm():
+    from baselines.lab import channel_distance
+
+    a, b = torch.randn(2, 3, 1, 5, 6), torch.randn(2, 3, 8, 5, 6)
+    expected = torch.linalg.vector_norm(a - b, dim=1)
+    assert torch.allclose(channel_distance(a, b), expected, atol=1e-6)
+    assert channel_distance(a, a.clone()).abs().max() == 0

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from baselines.boxinst import BoxInstLoss, pairwise_loss, pairwise_warmup_weight, projection_loss
-from baselines.lab import unfold_neighbours
+from baselines.lab import channel_distance, unfold_neighbours
 from sim_core.model.condinst import MASK_STRIDE, box_masks
 from sim_core.model.mask_inputs import MaskLossInputs, zero_loss
 from sim_core.sim.prototypes import PrototypeBank, confident_pixel_features
@@ -78,7 +78,7 @@ def feature_similarity(teacher_feats: Tensor, size: tuple[int, int], kernel: int
     """Released code's extra pairwise factor ``exp(-||z'_i - z'_j||)`` ``[B, K, H, W]`` (teacher features)."""
     feats = upsample_features(teacher_feats.float(), size)
     neighbours = unfold_neighbours(feats, kernel, dilation)  # [B, D, K, H, W]
-    return torch.exp(-torch.linalg.vector_norm(feats.unsqueeze(2) - neighbours, dim=1))
+    return torch.exp(-channel_distance(feats.unsqueeze(2), neighbours))
 
 
 class SIMLoss(nn.Module):
