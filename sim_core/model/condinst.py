@@ -4,7 +4,8 @@ Every method in simbench trains this same network; they differ only in the
 mask loss passed to :meth:`CondInst.training_losses` (``baselines.build_mask_loss``).
 
 Settings (the ``model`` params section; missing keys take ``DEFAULT_MODEL_CFG``,
-the paper-scale values; ``DEMO_MODEL_CFG`` is the fast CPU demo):
+the paper-scale values; the demo column is the `demo` profile; ``DEMO_MODEL_CFG`` is a
+smaller CPU model the unit tests use):
 
 ========================  ==================  ==============  ==================================================
 key                       paper default       demo            meaning
@@ -12,9 +13,9 @@ key                       paper default       demo            meaning
 backbone                  resnet50            resnet_tiny     resnet50 | resnet101 | resnet_tiny | swin_b | resnet101_dcn
 pretrained                null                null            local state-dict file for the backbone
 freeze_at                 2                   0               ResNet stages frozen (detectron2: 2 = stem + res2)
-tiny_widths               [16, 32, 64, 128]   [16,32,64,128]  resnet_tiny stage widths (strides 4/8/16/32)
+tiny_widths               [16, 32, 64, 128]   [32,64,128,256] resnet_tiny stage widths (strides 4/8/16/32)
 tiny_blocks               [1, 1, 1, 1]        [1, 1, 1, 1]    resnet_tiny BasicBlocks per stage
-tiny_norm                 GN                  GN              resnet_tiny normalisation (GN | BN)
+tiny_norm                 GN                  BN              resnet_tiny normalisation (GN | BN)
 neck                      fpn                 fpn             fpn | bifpn
 fpn_channels              256                 64              channels of every FPN level and of the head
 fpn_levels                [3, 4, 5, 6, 7]     [3, 4, 5]       FPN levels (stride 2**l)
@@ -26,13 +27,13 @@ box_activation            relu                relu            relu (normalised t
 sizes_of_interest         [64, 128, 256, 512] [32, 64]        FCOS level size ranges (len = levels - 1)
 center_sampling_radius    1.5                 1.5             FCOS centre sampling radius in strides (0 = off)
 mask_branch_channels      128                 64              width of the mask branch
-mask_branch_convs         4                   2               3x3 convs after the P3-P5 fusion
+mask_branch_convs         4                   1               3x3 convs after the P3-P5 fusion
 mask_branch_norm          BN                  GN              BN | GN | none in the mask branch
-mask_feat_stride          8                   4               stride of the mask features (4 adds C2; see mask_head)
+mask_feat_stride          8                   4               stride of the mask features (4 adds C2; docs/demo_scale.md)
 mask_out_channels         16                  8               mask feature channels (CondInst 8; BoxInst/SIM 16)
 dyn_channels              8                   8               width of the dynamic mask head
 dyn_layers                3                   3               layers of the dynamic mask head
-topk_masks_per_image      64                  64              mask-trained positives per image (<= 0: all)
+topk_masks_per_image      64                  16              mask-trained positives per image (<= 0: all)
 focal_alpha               0.25                0.25            focal loss alpha
 focal_gamma               2.0                 2.0             focal loss gamma
 score_thresh              0.05                0.05            inference: minimum class probability

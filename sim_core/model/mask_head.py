@@ -14,7 +14,7 @@ a 128-pixel demo image is about six times smaller than a COCO image at test
 size 800, so a stride-8 grid gives a 40-88 pixel demo object 5-11 cells where
 a typical COCO object gets several times more. Even a perfect stride-8 mask,
 bilinearly upsampled, scores only 77 mask AP on the demo validation set
-against 95 at stride 4 (``docs/architecture.md``): at stride 8 the demo would
+against 95 at stride 4 (``docs/demo_scale.md``): at stride 8 the demo would
 measure the grid, not the methods.
 
 Dynamic mask head: for each instance, the controller predicted at its FCOS
