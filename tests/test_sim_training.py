@@ -59,9 +59,9 @@ def _batch(seed: int, n_images: int = 2):
     return images, targets
 
 
-def _setup(extra: dict | None = None):
+def _setup(extra: dict | None = None, model_cfg: dict | None = None):
     torch.manual_seed(0)
-    model = CondInst(3, DEMO_MODEL_CFG)
+    model = CondInst(3, {**DEMO_MODEL_CFG, **(model_cfg or {})})
     cfg = {"boxinst": {}, "mask_feat_channels": DEMO_MODEL_CFG["mask_out_channels"], **(extra or {})}
     loss = build_mask_loss("sim", cfg)
     state = SIMTrainingState(model, loss, cfg, num_classes=3, seed=0)
@@ -189,3 +189,18 @@ def test_batch_without_objects_keeps_every_term_finite_and_zero():
     sum(losses.values()).backward()
     state.after_step(model, 0)
     assert len(state.copy_paste.bank) == 0
+
+
+def test_sim_step_with_stride4_mask_features_keeps_teacher_maps_on_the_mask_grid():
+    """With ``mask_feat_stride: 4`` the teacher's positive masks and M_I stay at H/4 (no x2 upsampling)."""
+    from sim_core.sim.teacher import run_teacher
+
+    model, loss, state = _setup({"pseudo_start_frac": 0.0, "confident_thresh": 0.0}, {"mask_feat_stride": 4})
+    images, targets = _batch(0)
+    losses = model.training_losses(images, targets, loss, 0, 10, extras=state.extras())
+    assert all(math.isfinite(float(v.detach())) for v in losses.values()) and losses["loss_pseudo"].item() > 0
+    pre = model.preprocess(images)
+    assignment = model.assign(model(pre.images_norm), targets)
+    pred = run_teacher(state.teacher, pre.images_norm, assignment)
+    assert pred.mask_feats.shape[-2:] == (16, 24)  # 64 x 96 input at stride 4
+    assert pred.pos_probs.shape[1:] == (16, 24)
