@@ -45,13 +45,12 @@ def grid_ceiling(gt_json: str | Path, strides: Iterable[int] = (8, 4)) -> dict[i
     """Mask AP (fraction) of the grid-limited oracle for each stride, on the non-crowd GT of ``gt_json``."""
     gt = load_json(gt_json, "ground truth")
     coco = make_gt_api(gt, "pycocotools")
+    objects = [(ann, coco.annToMask(ann)) for ann in gt["annotations"] if not ann.get("iscrowd", 0)]
     out = {}
     for stride in strides:
         results = []
-        for ann in gt["annotations"]:
-            if ann.get("iscrowd", 0):
-                continue
-            mask = grid_limited_mask(coco.annToMask(ann), stride)
+        for ann, full_mask in objects:
+            mask = grid_limited_mask(full_mask, stride)
             rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             rle["counts"] = rle["counts"].decode("ascii")
             results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],

@@ -185,7 +185,7 @@ class CondInst(nn.Module):
         if len(pyramid) != len(self.fpn_strides):
             raise ValueError(f"neck returned {len(pyramid)} levels, expected {len(self.fpn_strides)}")
         cls, box, ctr, ctl = self.head(pyramid)
-        mask_feats = self.mask_branch(pyramid, feats.get("c2") if self.mask_branch.detail is not None else None)
+        mask_feats = self.mask_branch(pyramid, feats.get("c2"))  # C2 is read only at mask_feat_stride 4
         device = images_norm.device
         locs, strides, levels, counts = [], [], [], []
         for level, (feat, stride) in enumerate(zip(pyramid, self.fpn_strides)):
