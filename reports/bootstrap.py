@@ -31,7 +31,7 @@ import contextlib
 import io
 import itertools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -59,6 +59,8 @@ class PerImageEval:
     categories: list[CategoryRecords]
     rec_thrs: np.ndarray
     iou_thrs: np.ndarray
+    # AP per resample, keyed by (resamples, seed): a run shared by several tables is resampled once.
+    resampled: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def load_gt(path: str | Path) -> COCO:
@@ -98,6 +100,11 @@ def evaluate_per_image(gt: COCO, results: list[dict], where: str = "results") ->
     dt = load_results(gt, results, where)
     evaluator = COCOeval(gt, dt, iouType="segm")
     evaluator.params.imgIds = sorted(gt.getImgIds())
+    # AP needs only the "all" area range: matching the other three ranges too would
+    # quadruple COCOeval's per-image work without changing these records.
+    everything = evaluator.params.areaRngLbl.index("all")
+    evaluator.params.areaRng = [evaluator.params.areaRng[everything]]
+    evaluator.params.areaRngLbl = ["all"]
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
     p = evaluator.params
@@ -145,8 +152,26 @@ def _first_reaching(cum: np.ndarray, target: np.ndarray) -> np.ndarray:
     return found - np.arange(n_rows, dtype=np.int64)[:, None] * d
 
 
+def _recall_targets(npig: np.ndarray, rec_thrs: np.ndarray) -> np.ndarray:
+    """[B, R] smallest integer m with m / npig >= thr, using COCOeval's float division rc = tp / npig."""
+    den = np.maximum(npig, 1).astype(np.float64)[:, None]
+    m = np.ceil(rec_thrs[None, :] * den).astype(np.int64)
+    m -= ((m - 1) / den >= rec_thrs[None, :]) & (m > 0)
+    m += m / den < rec_thrs[None, :]
+    return m
+
+
 def _category_ap(cat: CategoryRecords, counts: np.ndarray, rec_thrs: np.ndarray) -> np.ndarray:
-    """AP of one category for each row of ``counts`` [B, I]; NaN where it has no GT (COCOeval's -1)."""
+    """AP of one category for each row of ``counts`` [B, I]; NaN where it has no GT (COCOeval's -1).
+
+    Precision is only evaluated at the true-positive columns of each IoU
+    threshold: the interpolated precision at a recall level is the largest
+    precision at or after the first detection reaching it, and that maximum
+    always falls on a true positive (false positives and ignored detections only
+    lower or keep precision). The number of detections before each true
+    positive comes from one running sum of non-ignored weights, so the work is
+    O(B * D) per distinct ignore pattern plus O(B * TPs), not O(B * T * D).
+    """
     n_b = counts.shape[0]
     n_t, n_d = cat.tps.shape
     npig = counts @ cat.npig
@@ -157,22 +182,25 @@ def _category_ap(cat: CategoryRecords, counts: np.ndarray, rec_thrs: np.ndarray)
     if n_d == 0:
         out[valid] = 0.0
         return out
-    weights = counts[:, cat.det_image].astype(np.int32)                         # [B, D]
-    tp = np.cumsum(weights[:, None, :] * cat.tps[None], axis=2, dtype=np.int32)  # [B, T, D]
-    fp = np.cumsum(weights[:, None, :] * cat.fps[None], axis=2, dtype=np.int32)
-    tp_f = tp.astype(np.float64)
-    pr = tp_f / (fp + tp_f + np.spacing(1))
-    pr = np.maximum.accumulate(pr[..., ::-1], axis=2)[..., ::-1]                 # precision envelope
-    # Smallest integer m with m / npig >= thr, using the same float division as COCOeval's rc = tp / npig.
-    den = np.maximum(npig, 1).astype(np.float64)[:, None]
-    m = np.ceil(rec_thrs[None, :] * den).astype(np.int64)
-    m -= ((m - 1) / den >= rec_thrs[None, :]) & (m > 0)
-    m += m / den < rec_thrs[None, :]
-    target = np.broadcast_to(m[:, None, :], (n_b, n_t, len(rec_thrs))).reshape(n_b * n_t, -1)
-    idx = _first_reaching(tp.reshape(n_b * n_t, n_d), target)
-    inside = idx < n_d
-    rows = pr.reshape(n_b * n_t, n_d)
-    q = np.where(inside, np.take_along_axis(rows, np.minimum(idx, n_d - 1), axis=1), 0.0)
+    weights = counts[:, cat.det_image]                                            # [B, D]
+    targets = _recall_targets(npig, rec_thrs)                                     # [B, R]
+    counted = cat.tps | cat.fps                                                   # [T, D] not ignored
+    shared = bool((counted == counted[:1]).all())
+    running: dict[int, np.ndarray] = {}
+    q = np.zeros((n_b, n_t, len(rec_thrs)))
+    for t in range(n_t):
+        cols = np.flatnonzero(cat.tps[t])
+        if cols.size == 0:
+            continue
+        row = 0 if shared else t
+        if row not in running:
+            running[row] = np.cumsum(weights * counted[row], axis=1)             # tp + fp up to each column
+        tp = np.cumsum(weights[:, cols], axis=1)                                  # [B, K]
+        pr = tp / (running[row][:, cols] + np.spacing(1))
+        pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]                  # precision envelope
+        idx = _first_reaching(tp, targets)
+        inside = idx < cols.size
+        q[:, t] = np.where(inside, np.take_along_axis(pr, np.minimum(idx, cols.size - 1), axis=1), 0.0)
     ap = q.reshape(n_b, -1).mean(axis=1)
     out[valid] = ap[valid]
     return out
@@ -227,7 +255,11 @@ def paired_bootstrap(groups: Mapping[str, Sequence[PerImageEval]], resamples: in
     if any(ev.image_ids != image_ids for ev in evals):
         raise ValueError("all evaluations of a bootstrap must share the same ground-truth images")
     counts = resample_counts(len(image_ids), resamples, seed)
-    boot = {name: np.mean([ap_for_counts(ev, counts) for ev in group], axis=0) for name, group in groups.items()}
+    for ev in evals:
+        if (resamples, seed) not in ev.resampled:
+            ev.resampled[(resamples, seed)] = ap_for_counts(ev, counts)
+    boot = {name: np.mean([ev.resampled[(resamples, seed)] for ev in group], axis=0)
+            for name, group in groups.items()}
     full = {name: float(np.mean([full_ap(ev) for ev in group])) for name, group in groups.items()}
     lo_q, hi_q = 50 * (1 - confidence), 50 * (1 + confidence)
     intervals = []

@@ -243,6 +243,22 @@ def test_sample_format_and_masks(tiny_coco):
         assert (masks[k].numpy() == up).all()
 
 
+def test_image_cache_gives_the_same_samples_and_survives_writes(tiny_coco, monkeypatch):
+    plain = _dataset(tiny_coco, sizes=[30])
+    cached = _dataset(tiny_coco, sizes=[30], cache_images=True)
+    first = [cached[i][0].clone() for i in range(len(cached))]
+    assert all(torch.equal(first[i], plain[i][0]) for i in range(len(plain)))
+    image, _ = cached[0]  # at its original size: no resize, so a cache hit must hand out a copy
+    image.zero_()
+    import sim_core.data.dataset as dataset_module
+
+    def no_more_reads(*args, **kwargs):
+        raise AssertionError("a cached image was decoded again")
+
+    monkeypatch.setattr(dataset_module, "read_image_rgb", no_more_reads)
+    assert all(torch.equal(cached[i][0], first[i]) for i in range(len(cached)))
+
+
 def test_uncompressed_rle_and_rotated_image(tiny_coco):
     ds = _dataset(tiny_coco, sizes=[30])
     ids = ds.image_ids

@@ -74,6 +74,28 @@ def test_same_seed_same_weights(smoke_params, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_autocast_type_per_device():
+    from sim_core.engine.trainer import autocast_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(cpu, {"amp": True, "cpu_amp": False}) is None
+    assert autocast_dtype(cpu, {"amp": True, "cpu_amp": True}) is torch.bfloat16
+    assert autocast_dtype(cuda, {"amp": True, "cpu_amp": False}) is torch.float16
+    assert autocast_dtype(cuda, {"amp": False, "cpu_amp": True}) is None
+
+
+def test_cpu_bfloat16_training_is_deterministic_and_really_mixed(smoke_params, tmp_path):
+    weights = {}
+    for name, cpu_amp in (("bf16_a", True), ("bf16_b", True), ("fp32", False)):
+        smoke_params["train"]["runs_dir"] = str(tmp_path / name)
+        _, run_dir = _run(smoke_params, "sim_s0", max_iter=3, cpu_amp=cpu_amp)
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _log(run_dir))
+        weights[name] = torch.load(run_dir / "model.pt", weights_only=True)["model"]
+    assert all(v.dtype != torch.bfloat16 for v in weights["bf16_a"].values())  # master weights stay fp32
+    assert all(torch.equal(weights["bf16_a"][k], weights["bf16_b"][k]) for k in weights["fp32"])
+    assert not all(torch.equal(weights["bf16_a"][k], weights["fp32"][k]) for k in weights["fp32"])
+
+
 def test_resume_continues_from_the_saved_iteration(smoke_params):
     _run(smoke_params, "mask_s0", max_iter=4, checkpoint_every=2, log_every=1)
     result, run_dir = _run(smoke_params, "mask_s0", max_iter=6, checkpoint_every=2, log_every=1)
