@@ -80,7 +80,7 @@ def _method_step(params: dict, method: str, images, targets, num_classes: int, i
                  overrides: dict | None = None) -> float:
     from sim_core.config import apply_overrides
     from sim_core.engine.schedule import build_optimizer
-    from sim_core.engine.trainer import method_config
+    from sim_core.engine.trainer import autocast_dtype, method_config
     from sim_core.model.condinst import CondInst
     from baselines import build_mask_loss
 
@@ -97,6 +97,7 @@ def _method_step(params: dict, method: str, images, targets, num_classes: int, i
                                 params["train"])
     max_iter = 1000
     iteration = [600]  # past every warm-up, so every loss term is active
+    mixed = autocast_dtype(torch.device("cpu"), params["train"])  # as the trainer: bfloat16 with train.cpu_amp
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -105,7 +106,8 @@ def _method_step(params: dict, method: str, images, targets, num_classes: int, i
         if state is not None:
             ims, tgs = state.before_step(list(images), copy.deepcopy(targets), iteration[0])
             extras = state.extras()
-        losses = model.training_losses(ims, tgs, loss_fn, iteration[0], max_iter, extras=extras)
+        with torch.autocast("cpu", dtype=mixed or torch.float32, enabled=mixed is not None):
+            losses = model.training_losses(ims, tgs, loss_fn, iteration[0], max_iter, extras=extras)
         sum(losses.values()).backward()
         optimizer.step()
         if state is not None:
@@ -118,6 +120,7 @@ def _method_step(params: dict, method: str, images, targets, num_classes: int, i
 
 METHOD_VARIANTS = [
     ("mask", "mask", {}),
+    ("mask_fp32", "mask", {"train.cpu_amp": False}),  # what train.cpu_amp (bfloat16 autocast) buys
     ("boxmask", "boxmask", {}),
     ("boxinst", "boxinst", {}),
     ("boxlevelset", "boxlevelset", {"boxlevelset.tree_filter": True}),

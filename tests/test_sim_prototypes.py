@@ -105,6 +105,23 @@ def test_confident_pixel_features_take_the_union_per_image_and_class():
     assert torch.allclose(out, torch.tensor([[1.0, 0.0]]).expand(4, 2))
 
 
+def test_confident_pixel_features_match_a_loop_over_image_class_pairs():
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(3, 4, 5, 6, generator=g)
+    confident = torch.rand(7, 5, 6, generator=g) > 0.6
+    labels = torch.tensor([2, 0, 2, 1, 0, 2, 2])
+    images = torch.tensor([0, 0, 0, 1, 2, 2, 1])
+    out, out_labels = confident_pixel_features(feats, confident, labels, images)
+    normed = F.normalize(feats, dim=1)
+    expected, expected_labels = [], []
+    for b, c in sorted({(int(b), int(c)) for b, c in zip(images, labels)}):
+        union = confident[(images == b) & (labels == c)].any(dim=0)
+        expected.append(normed[b][:, union].t())
+        expected_labels += [c] * int(union.sum())
+    assert torch.equal(out_labels, torch.tensor(expected_labels))
+    assert torch.allclose(out, torch.cat(expected))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

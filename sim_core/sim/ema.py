@@ -65,10 +65,9 @@ class EMATeacher(nn.Module):
         # One multi-tensor kernel instead of two ops per parameter (~8 ms per step on CPU for the demo).
         torch._foreach_lerp_(teacher_params, sources, 1.0 - self.momentum)
         student_buffers = dict(student.named_buffers())
-        for name, t_buf in self.model.named_buffers():
-            s_buf = student_buffers.get(name)
-            if s_buf is not None:
-                t_buf.copy_(s_buf.detach())
+        pairs = [(t_buf, student_buffers[name]) for name, t_buf in self.model.named_buffers() if name in student_buffers]
+        if pairs:
+            torch._foreach_copy_([t for t, _ in pairs], [s_buf.detach() for _, s_buf in pairs])
 
     @torch.no_grad()
     def forward(self, *args, **kwargs):

@@ -138,16 +138,12 @@ def confident_pixel_features(student_feats: Tensor, confident: Tensor, gt_labels
     if confident.shape[-2:] != (H, W):
         raise ValueError(f"confident masks {tuple(confident.shape)} do not match features {H}x{W}")
     feats = F.normalize(student_feats.detach().float(), dim=1)
-    out_feats, out_labels = [], []
-    pairs = sorted({(int(b), int(c)) for b, c in zip(gt_im_inds.tolist(), gt_labels.tolist())})
-    for b, c in pairs:
-        rows = (gt_im_inds == b) & (gt_labels == c)
-        union = confident[rows].any(dim=0)
-        if not union.any():
-            continue
-        picked = feats[b][:, union].t()
-        out_feats.append(picked)
-        out_labels.append(torch.full((picked.shape[0],), c, dtype=torch.long, device=picked.device))
-    if not out_feats:
+    if gt_labels.numel() == 0:
         return feats.new_zeros((0, D)), torch.zeros((0,), dtype=torch.long, device=feats.device)
-    return torch.cat(out_feats), torch.cat(out_labels)
+    # Union per (image, class) in one scatter; nonzero then lists the pixels ordered by
+    # image, class, row, column, the order a loop over sorted (image, class) pairs gives.
+    C = int(gt_labels.max()) + 1
+    union = confident.new_zeros((B * C, H * W), dtype=torch.float32)
+    union.index_add_(0, gt_im_inds.long() * C + gt_labels.long(), confident.reshape(-1, H * W).float())
+    b, c, y, x = torch.nonzero(union.view(B, C, H, W) > 0, as_tuple=True)
+    return feats[b, :, y, x], c

@@ -109,12 +109,19 @@ class SIMTrainingState:
         """One bank entry per image of the recorded batch (teacher pseudo masks at full resolution)."""
         if not rec.images or rec.instance_maps.numel() == 0:
             return
+        bankable = torch.nonzero(rec.bankable).flatten()
+        if bankable.numel() == 0:
+            return
+        # every bankable map upsampled in one call, then cut per image
+        upsampled = torch.zeros((len(rec.bankable),) + tuple(4 * n for n in rec.instance_maps.shape[-2:]),
+                                device=rec.instance_maps.device)
+        upsampled[bankable] = aligned_bilinear(rec.instance_maps[bankable].unsqueeze(1).float(), 4)[:, 0]
         for b, image in enumerate(rec.images):
             rows = torch.nonzero((rec.gt_im_inds == b) & rec.bankable).flatten()
             if rows.numel() == 0:
                 continue
             h, w = image.shape[-2:]
-            full = aligned_bilinear(rec.instance_maps[rows].unsqueeze(1).float(), 4)[:, 0, :h, :w]
+            full = upsampled[rows, :h, :w]
             entry = make_bank_entry(image.cpu(), rec.gt_boxes[rows].cpu(), rec.gt_labels[rows].cpu(), full.cpu(),
                                     self.settings.confident_thresh)
             self.copy_paste.bank.push(entry)
