@@ -113,9 +113,9 @@ class Trainer:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.trainable = [p for m in (self.model, self.mask_loss) for p in m.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self._param_groups(), self.cfg)
-        self.use_amp = self.device.type == "cuda" and bool(self.cfg.get("amp", True))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.autocast_dtype = autocast_dtype(self.device, self.cfg)
+        self.use_amp = self.autocast_dtype is torch.float16  # only float16 needs a gradient scaler
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.start_iter = 0
 
     def _param_groups(self) -> list[dict]:

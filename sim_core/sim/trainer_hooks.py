@@ -109,13 +109,9 @@ class SIMTrainingState:
         """One bank entry per image of the recorded batch (teacher pseudo masks at full resolution)."""
         if not rec.images or rec.instance_maps.numel() == 0:
             return
-        bankable = torch.nonzero(rec.bankable).flatten()
-        if bankable.numel() == 0:
+        if not bool(rec.bankable.any()):
             return
-        # every bankable map upsampled in one call, then cut per image
-        upsampled = torch.zeros((len(rec.bankable),) + tuple(4 * n for n in rec.instance_maps.shape[-2:]),
-                                device=rec.instance_maps.device)
-        upsampled[bankable] = aligned_bilinear(rec.instance_maps[bankable].unsqueeze(1).float(), 4)[:, 0]
+        upsampled = aligned_bilinear(rec.instance_maps.unsqueeze(1).float(), 4)[:, 0]  # one call, cut per image
         for b, image in enumerate(rec.images):
             rows = torch.nonzero((rec.gt_im_inds == b) & rec.bankable).flatten()
             if rows.numel() == 0:
