@@ -39,6 +39,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
 
     from sim_core.config import resolve_run
     from sim_core.engine.run_info import git_commit
+    from sim_core.engine.seeding import set_cpu_threads
     from sim_core.evaluation.coco_eval import evaluate_coco
     from sim_core.evaluation.inference import load_trained_model, predict_split
     from sim_core.io_utils import atomic_write_json
@@ -46,6 +47,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     params = load_params_from_args(args)
     resolved = resolve_run(params, args.run)
     run_dir = run_dir_for(params, args.run, args.run_dir)
+    set_cpu_threads(resolved["train"])  # the training's thread count: same numbers whatever runs beside it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_trained_model(run_dir / "model.pt", device)
     root = Path(resolved["data"]["root"])

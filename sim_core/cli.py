@@ -20,6 +20,7 @@ VERBS = {
     "report": "experiments.report_cli",
     "bench": "experiments.bench",
     "profile": "experiments.profile",
+    "repro": "experiments.repro",
 }
 HELP = {
     "prepare": "prepare a dataset (synthetic, coco128, coco, voc, custom) as COCO jsons",
@@ -29,6 +30,7 @@ HELP = {
     "report": "write LaTeX tables, figures and report.pdf from the metrics files",
     "bench": "measure speed and memory, side by side, and write bench.json",
     "profile": "make one of the packaged profiles the active params.yaml",
+    "repro": "dvc repro with several runs of the matrix at once (same outputs and numbers)",
 }
 
 

@@ -28,3 +28,15 @@ def derive_seed(*parts: int) -> int:
 def use_deterministic_cpu_kernels() -> None:
     """Ask torch for deterministic kernels where it has them (warn otherwise)."""
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def set_cpu_threads(train_cfg: dict) -> int:
+    """Use ``train.threads`` CPU threads (0: torch's default) and return the count.
+
+    A param, not a machine detail: the thread count changes how floating-point
+    sums are split, so runs with different counts differ in the last digits
+    and, after a few hundred steps, in their metrics.
+    """
+    threads = int(train_cfg.get("threads", 0)) or torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()

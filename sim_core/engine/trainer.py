@@ -35,7 +35,7 @@ from sim_core.engine.distributed import DistInfo, accumulation_steps, average_gr
 from sim_core.engine.logger import TrainLogger
 from sim_core.engine.run_info import run_stamp
 from sim_core.engine.schedule import build_optimizer, lr_at, set_lr
-from sim_core.engine.seeding import seed_everything
+from sim_core.engine.seeding import seed_everything, set_cpu_threads
 from sim_core.errors import InputError, NonFiniteLossError
 from sim_core.io_utils import atomic_write_json
 from sim_core.model.condinst import CondInst
@@ -241,5 +241,5 @@ class Trainer:
 
 def train_run(params: dict, run_dir: str | Path, progress: bool = True) -> dict:
     """Train one resolved run (see ``sim_core.config.resolve_run``) into ``run_dir``."""
-    torch.set_num_threads(max(1, int(params["train"].get("threads", 0)) or torch.get_num_threads()))
+    set_cpu_threads(params["train"])
     return Trainer(params, run_dir, progress=progress).run()

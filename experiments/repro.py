@@ -1,0 +1,172 @@
+"""``simbench repro``: ``dvc repro`` with the runs of the matrix side by side.
+
+DVC reproduces a pipeline's stages one after the other. The runs of the
+matrix are independent branches (``prepare -> train@<run> -> evaluate@<run>``),
+and small models use a CPU badly: on 2 cores, two one-thread trainings side
+by side finish in about two thirds of the time the same two take one after
+the other with two threads each (README, *Results*). This verb
+
+1. reproduces ``prepare`` (everything the runs share),
+2. reproduces ``train@<run>`` and ``evaluate@<run>`` of every run (``dvc repro
+   --single-item``), ``--jobs`` runs at a time, longest runs first,
+3. reproduces the rest (the report) with a final plain ``dvc repro``.
+
+Every step is an ordinary ``dvc repro`` call, so dvc.lock, the cache, the
+outputs and the numbers are those of a sequential ``dvc repro``: each
+training and evaluation uses ``train.threads`` threads whatever ``--jobs`` is
+(thread count changes floating-point sums, so it is a param). The workers
+take DVC's repo lock only for their bookkeeping (DVC releases it while a
+stage's command runs) and wait for it (``--wait-for-lock``) instead of
+failing; ``--single-item`` keeps a worker from re-checking ``prepare``, whose
+output the other workers' trainings hold a read lock on. On a GPU machine each worker gets its own ``train.processes`` GPUs
+through ``CUDA_VISIBLE_DEVICES``: one run per GPU by default.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Relative cost of one training step per method (bench of 2026-11-30, demo profile). Only orders the
+# queue (longest first, so no long run starts last); a wrong guess costs time, never correctness.
+STEP_COST = {"sim": 1.7, "boxlevelset": 1.6, "boxinst": 1.35, "mask": 1.0, "boxmask": 0.9}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--jobs", "-j", type=int, default=None,
+                        help="runs reproduced at once (default: CPU cores // train.threads on a CPU, "
+                             "GPUs // train.processes on a GPU machine)")
+    parser.add_argument("--params", default="params.yaml", help="params file of the pipeline (default: params.yaml)")
+    parser.add_argument("--dry", action="store_true", help="print the dvc commands instead of running them")
+
+
+@dataclass
+class Job:
+    """One run of the matrix: its training and evaluation stages, in a worker."""
+
+    run: str
+    cost: float
+    env: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    returncode: int | None = None
+
+
+def default_jobs(train_cfg: dict, cpu_count: int, gpu_count: int) -> int:
+    """Workers that keep the machine busy without sharing a core or a GPU (``gpu_count``: GPUs the runs use)."""
+    if gpu_count > 0:
+        return max(1, gpu_count // max(1, int(train_cfg.get("processes", 1))))
+    threads = int(train_cfg.get("threads", 0))
+    return max(1, cpu_count // threads) if threads > 0 else 1
+
+
+def queue_longest_first(params: dict) -> list[Job]:
+    """The runs of ``params['runs']`` ordered by expected training time, longest first."""
+    train_cfg = params["train"]
+    jobs = []
+    for name, run in (params.get("runs") or {}).items():
+        overrides = run.get("set") or {}
+        max_iter = float(overrides.get("train.max_iter", train_cfg["max_iter"]))
+        jobs.append(Job(name, STEP_COST.get(run.get("method", ""), 1.0) * max_iter))
+    return sorted(jobs, key=lambda job: -job.cost)
+
+
+def gpu_slices(gpu_count: int, per_job: int, jobs: int) -> list[str]:
+    """``CUDA_VISIBLE_DEVICES`` for each worker: disjoint groups of ``per_job`` GPUs."""
+    return [",".join(str(i * per_job + k) for k in range(per_job)) for i in range(jobs)
+            if (i + 1) * per_job <= gpu_count]
+
+
+def _dvc(*args: str) -> list[str]:
+    dvc = Path(sys.executable).with_name("dvc")
+    return [str(dvc) if dvc.exists() else "dvc", "--wait-for-lock", "repro", *args]
+
+
+def _run_stages(run: str) -> list[str]:
+    return _dvc("--single-item", f"train@{run}", f"evaluate@{run}")
+
+
+def _stream(prefix: str, process: subprocess.Popen, lock: threading.Lock) -> None:
+    for line in process.stdout:  # type: ignore[union-attr]
+        with lock:
+            sys.stdout.write(f"{prefix}{line}")
+            sys.stdout.flush()
+
+
+def _run_worker(queue: list[Job], queue_lock: threading.Lock, print_lock: threading.Lock,
+                failed: threading.Event, env: dict, total: int, finished: list[Job]) -> None:
+    while not failed.is_set():
+        with queue_lock:
+            if not queue:
+                return
+            job = queue.pop(0)
+        start = time.monotonic()
+        process = subprocess.Popen(_run_stages(job.run), env={**os.environ, **env}, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+        _stream(f"[{job.run}] ", process, print_lock)
+        job.returncode = process.wait()
+        job.seconds = time.monotonic() - start
+        with queue_lock:
+            finished.append(job)
+            done = len(finished)
+        with print_lock:
+            state = "done" if job.returncode == 0 else f"FAILED (exit code {job.returncode})"
+            print(f"simbench repro: {job.run} {state} in {job.seconds:.0f} s ({done}/{total} runs)", flush=True)
+        if job.returncode != 0:
+            failed.set()
+
+
+def main(args: argparse.Namespace) -> int:
+    from sim_core.config import read_yaml
+    from sim_core.errors import InputError
+
+    params = read_yaml(args.params)
+    if "runs" not in params or "train" not in params:
+        raise InputError(args.params, "needs the 'train' and 'runs' sections of a simbench params file")
+    gpu_count = _visible_gpus() if str(params["train"].get("device", "auto")) in ("auto", "cuda") else 0
+    jobs = args.jobs if args.jobs is not None else default_jobs(params["train"], os.cpu_count() or 1, gpu_count)
+    if jobs < 1:
+        raise InputError("--jobs", f"must be at least 1, got {jobs}")
+    queue = queue_longest_first(params)
+    per_job = max(1, int(params["train"].get("processes", 1)))
+    slices = gpu_slices(gpu_count, per_job, jobs) if gpu_count else []
+    workers = min(jobs, len(slices) or jobs, max(1, len(queue)))
+    envs = [{"CUDA_VISIBLE_DEVICES": s} for s in slices[:workers]] or [{} for _ in range(workers)]
+    if args.dry:
+        print(" ".join(_dvc("prepare")))
+        for job in queue:
+            print(" ".join(_run_stages(job.run)))
+        print(" ".join(_dvc()))
+        print(f"# {len(queue)} runs, {workers} at a time")
+        return 0
+    start = time.monotonic()
+    if subprocess.call(_dvc("prepare")) != 0:
+        return 1
+    print(f"simbench repro: {len(queue)} runs, {workers} at a time", flush=True)
+    finished: list[Job] = []
+    failed = threading.Event()
+    queue_lock, print_lock = threading.Lock(), threading.Lock()
+    threads = [threading.Thread(target=_run_worker, args=(queue, queue_lock, print_lock, failed, env,
+                                                          len(queue), finished)) for env in envs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    bad = [job.run for job in finished if job.returncode != 0]
+    if bad:
+        sys.stderr.write(f"simbench repro: stopped: {', '.join(bad)} failed (its output above, "
+                         f"prefixed [{bad[0]}]); finished runs are kept, run it again to go on\n")
+        return 1
+    code = subprocess.call(_dvc())
+    print(f"simbench repro: {'finished' if code == 0 else 'failed'} in {time.monotonic() - start:.0f} s", flush=True)
+    return 0 if code == 0 else 1
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
