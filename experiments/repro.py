@@ -6,7 +6,8 @@ and small models use a CPU badly: on 2 cores, two one-thread trainings side
 by side finish in about two thirds of the time the same two take one after
 the other with two threads each (README, *Results*). This verb
 
-1. reproduces ``prepare`` (everything the runs share),
+1. reproduces ``prepare`` (everything the runs share) and asks ``dvc status``
+   which runs have work left,
 2. reproduces ``train@<run>`` and ``evaluate@<run>`` of every run (``dvc repro
    --single-item``), ``--jobs`` runs at a time, longest runs first,
 3. reproduces the rest (the report) with a final plain ``dvc repro``.
@@ -24,17 +25,19 @@ through ``CUDA_VISIBLE_DEVICES``: one run per GPU by default.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-# Relative cost of one training step per method (bench of 2026-11-30, demo profile). Only orders the
-# queue (longest first, so no long run starts last); a wrong guess costs time, never correctness.
-STEP_COST = {"sim": 1.7, "boxlevelset": 1.6, "boxinst": 1.35, "mask": 1.0, "boxmask": 0.9}
+# Relative time of a run per iteration by method (demo pipeline of 2026-11-30, two one-thread runs side by
+# side). Only orders the queue (longest first, so no long run starts last); a wrong guess costs time, never
+# correctness.
+STEP_COST = {"sim": 1.67, "boxlevelset": 1.32, "boxinst": 1.26, "mask": 1.0, "boxmask": 1.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +54,6 @@ class Job:
 
     run: str
     cost: float
-    env: dict = field(default_factory=dict)
     seconds: float = 0.0
     returncode: int | None = None
 
@@ -75,15 +77,33 @@ def queue_longest_first(params: dict) -> list[Job]:
     return sorted(jobs, key=lambda job: -job.cost)
 
 
-def gpu_slices(gpu_count: int, per_job: int, jobs: int) -> list[str]:
-    """``CUDA_VISIBLE_DEVICES`` for each worker: disjoint groups of ``per_job`` GPUs."""
-    return [",".join(str(i * per_job + k) for k in range(per_job)) for i in range(jobs)
-            if (i + 1) * per_job <= gpu_count]
+def gpu_slices(devices: list[str], per_job: int, jobs: int) -> list[str]:
+    """``CUDA_VISIBLE_DEVICES`` for each worker: disjoint groups of ``per_job`` of ``devices``.
+
+    ``devices`` are the GPU ids this command may use (the caller's own
+    ``CUDA_VISIBLE_DEVICES`` when set, so a worker never escapes it).
+    """
+    return [",".join(devices[i * per_job:(i + 1) * per_job]) for i in range(jobs)
+            if (i + 1) * per_job <= len(devices)]
 
 
-def _dvc(*args: str) -> list[str]:
+def _dvc(*args: str, command: str = "repro") -> list[str]:
     dvc = Path(sys.executable).with_name("dvc")
-    return [str(dvc) if dvc.exists() else "dvc", "--wait-for-lock", "repro", *args]
+    return [str(dvc) if dvc.exists() else "dvc", "--wait-for-lock", command, *args]
+
+
+def runs_with_work(queue: list[Job], changed_stages: set[str]) -> list[Job]:
+    """The jobs whose training or evaluation stage DVC reports as changed (order kept)."""
+    return [job for job in queue if {f"train@{job.run}", f"evaluate@{job.run}"} & changed_stages]
+
+
+def _changed_stages() -> set[str] | None:
+    """Stage names ``dvc status`` reports as changed; None when it cannot tell."""
+    status = subprocess.run(_dvc("--json", command="status"), capture_output=True, text=True)
+    try:
+        return set(json.loads(status.stdout)) if status.returncode == 0 else None
+    except ValueError:
+        return None
 
 
 def _run_stages(run: str) -> list[str]:
@@ -106,6 +126,7 @@ def _run_worker(queue: list[Job], queue_lock: threading.Lock, print_lock: thread
             job = queue.pop(0)
         start = time.monotonic()
         process = subprocess.Popen(_run_stages(job.run), env={**os.environ, **env}, text=True,
+                                   encoding="utf-8", errors="replace",
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
         _stream(f"[{job.run}] ", process, print_lock)
         job.returncode = process.wait()
@@ -133,7 +154,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("--jobs", f"must be at least 1, got {jobs}")
     queue = queue_longest_first(params)
     per_job = max(1, int(params["train"].get("processes", 1)))
-    slices = gpu_slices(gpu_count, per_job, jobs) if gpu_count else []
+    slices = gpu_slices(_gpu_ids(gpu_count), per_job, jobs) if gpu_count else []
     workers = min(jobs, len(slices) or jobs, max(1, len(queue)))
     envs = [{"CUDA_VISIBLE_DEVICES": s} for s in slices[:workers]] or [{} for _ in range(workers)]
     if args.dry:
@@ -146,12 +167,16 @@ def main(args: argparse.Namespace) -> int:
     start = time.monotonic()
     if subprocess.call(_dvc("prepare")) != 0:
         return 1
-    print(f"simbench repro: {len(queue)} runs, {workers} at a time", flush=True)
+    total = len(queue)
+    changed = _changed_stages()  # after prepare: a new dataset shows in the runs' status only now
+    queue = runs_with_work(queue, changed) if changed is not None else queue
+    print(f"simbench repro: {len(queue)} of {total} runs to reproduce, {min(workers, len(queue))} at a time",
+          flush=True)
     finished: list[Job] = []
     failed = threading.Event()
     queue_lock, print_lock = threading.Lock(), threading.Lock()
     threads = [threading.Thread(target=_run_worker, args=(queue, queue_lock, print_lock, failed, env,
-                                                          len(queue), finished)) for env in envs]
+                                                          len(queue), finished)) for env in envs[:len(queue)]]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -164,6 +189,11 @@ def main(args: argparse.Namespace) -> int:
     code = subprocess.call(_dvc())
     print(f"simbench repro: {'finished' if code == 0 else 'failed'} in {time.monotonic() - start:.0f} s", flush=True)
     return 0 if code == 0 else 1
+
+
+def _gpu_ids(gpu_count: int) -> list[str]:
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[:gpu_count] if visible else [str(i) for i in range(gpu_count)]
 
 
 def _visible_gpus() -> int:

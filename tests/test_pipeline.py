@@ -1,7 +1,8 @@
 """The DVC pipeline end to end: clone, smoke profile, `dvc repro`, then a no-op repro.
 
-This is the slowest test (about a minute and a half on 2 cores): it runs every
-stage of the real pipeline on the smoke profile's tiny synthetic data.
+These are the slowest tests (about a minute and a half each on 2 cores): they
+run every stage of the real pipeline on the smoke profile's tiny synthetic
+data, once with ``dvc repro`` and once with ``simbench repro --jobs 2``.
 """
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
 
 
-@pytest.fixture(scope="module")
-def reproduced(tmp_path_factory):
+def _smoke_clone(tmp_path_factory, name: str) -> tuple[Path, dict]:
+    """A fresh clone of the repository with the smoke profile active."""
     if shutil.which("git") is None or not (BIN / "dvc").exists():
         pytest.skip("git and dvc are needed for the pipeline test")
     if not (REPO / ".git").exists():
         pytest.skip("the pipeline test clones the repository; no .git found")
-    clone = tmp_path_factory.mktemp("pipeline") / "simbench"
+    clone = tmp_path_factory.mktemp(name) / "simbench"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=120)
@@ -41,9 +42,25 @@ def reproduced(tmp_path_factory):
         else:
             shutil.copy2(src, dst)
     assert _run([str(BIN / "simbench"), "profile", "smoke"], clone, env).returncode == 0
+    return clone, env
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    clone, env = _smoke_clone(tmp_path_factory, "pipeline")
     first = _run([str(BIN / "dvc"), "repro"], clone, env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     second = _run([str(BIN / "dvc"), "repro"], clone, env)
+    return clone, env, first, second
+
+
+@pytest.fixture(scope="module")
+def reproduced_side_by_side(tmp_path_factory):
+    """The same pipeline through ``simbench repro --jobs 2`` (two runs at a time)."""
+    clone, env = _smoke_clone(tmp_path_factory, "pipeline_jobs")
+    first = _run([str(BIN / "simbench"), "repro", "--jobs", "2"], clone, env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = _run([str(BIN / "simbench"), "repro", "--jobs", "2"], clone, env)
     return clone, env, first, second
 
 
@@ -103,3 +120,22 @@ def _values_of(node, key):
     elif isinstance(node, list):
         for item in node:
             yield from _values_of(item, key)
+
+
+def test_side_by_side_repro_matches_the_sequential_one(reproduced, reproduced_side_by_side):
+    """Two runs at a time: every run's predictions and metrics equal the sequential pipeline's; DVC sees nothing left to do."""
+    sequential, _, _, _ = reproduced
+    clone, env, first, second = reproduced_side_by_side
+    assert "2 at a time" in first.stdout
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    for run in params["runs"]:
+        for name in ("segm.json", "bbox.json"):  # every prediction and score, not only the (tiny) smoke AP
+            got = json.loads((clone / "runs" / run / name).read_text())
+            assert got and got == json.loads((sequential / "runs" / run / name).read_text()), f"{run}/{name}"
+        got = json.loads((clone / "runs" / run / "metrics.json").read_text())
+        want = json.loads((sequential / "runs" / run / "metrics.json").read_text())
+        assert (got["segm"], got["bbox"]) == (want["segm"], want["bbox"]), run
+    status = _run([str(BIN / "dvc"), "status", "--json"], clone, env)
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
+    assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout
+    assert (clone / "reports" / "out" / "report.tex").is_file()
