@@ -19,8 +19,9 @@ training and evaluation uses ``train.threads`` threads whatever ``--jobs`` is
 take DVC's repo lock only for their bookkeeping (DVC releases it while a
 stage's command runs) and wait for it (``--wait-for-lock``) instead of
 failing; ``--single-item`` keeps a worker from re-checking ``prepare``, whose
-output the other workers' trainings hold a read lock on. On a GPU machine each worker gets its own ``train.processes`` GPUs
-through ``CUDA_VISIBLE_DEVICES``: one run per GPU by default.
+output the other workers' trainings hold a read lock on. On a GPU machine
+each worker gets its own ``train.processes`` GPUs through
+``CUDA_VISIBLE_DEVICES``: one run per GPU by default.
 """
 from __future__ import annotations
 
