@@ -156,14 +156,13 @@ def main(args: argparse.Namespace) -> int:
     queue = queue_longest_first(params)
     per_job = max(1, int(params["train"].get("processes", 1)))
     slices = gpu_slices(_gpu_ids(gpu_count), per_job, jobs) if gpu_count else []
-    workers = min(jobs, len(slices) or jobs, max(1, len(queue)))
-    envs = [{"CUDA_VISIBLE_DEVICES": s} for s in slices[:workers]] or [{} for _ in range(workers)]
+    envs = [{"CUDA_VISIBLE_DEVICES": s} for s in slices] or [{} for _ in range(jobs)]  # one per worker
     if args.dry:
         print(" ".join(_dvc("prepare")))
         for job in queue:
             print(" ".join(_run_stages(job.run)))
         print(" ".join(_dvc()))
-        print(f"# {len(queue)} runs, {workers} at a time")
+        print(f"# {len(queue)} runs, {min(len(envs), len(queue))} at a time")
         return 0
     start = time.monotonic()
     if subprocess.call(_dvc("prepare")) != 0:
@@ -171,13 +170,13 @@ def main(args: argparse.Namespace) -> int:
     total = len(queue)
     changed = _changed_stages()  # after prepare: a new dataset shows in the runs' status only now
     queue = runs_with_work(queue, changed) if changed is not None else queue
-    print(f"simbench repro: {len(queue)} of {total} runs to reproduce, {min(workers, len(queue))} at a time",
-          flush=True)
+    envs = envs[:len(queue)]
+    print(f"simbench repro: {len(queue)} of {total} runs to reproduce, {len(envs)} at a time", flush=True)
     finished: list[Job] = []
     failed = threading.Event()
     queue_lock, print_lock = threading.Lock(), threading.Lock()
     threads = [threading.Thread(target=_run_worker, args=(queue, queue_lock, print_lock, failed, env,
-                                                          len(queue), finished)) for env in envs[:len(queue)]]
+                                                          len(queue), finished)) for env in envs]
     for thread in threads:
         thread.start()
     for thread in threads:

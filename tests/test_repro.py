@@ -91,8 +91,9 @@ def test_bad_input_exits_2(tmp_path, capsys, argv, needle):
     assert code == 2 and needle in err and "Traceback" not in err
 
 
-def test_a_failed_run_stops_the_queue(monkeypatch, capsys):
+def test_a_failed_run_stops_the_queue(monkeypatch, capsys, tmp_path):
     """After a failure no new run starts; the runs already finished are reported."""
+    monkeypatch.chdir(tmp_path)  # where "never" would leave its marker file
     commands = {"good": [sys.executable, "-c", "print('trained good')"],
                 "bad": [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
                 "never": [sys.executable, "-c", "open('never-started', 'w')"]}
