@@ -67,7 +67,7 @@ def test_voc_profiles(name):
 
 def test_sim_paper_defaults_in_paper_profiles():
     s = load_params(profile_path("coco_r50_1x"))["sim"]
-    assert (s["variant"], s["alpha"], s["num_prototypes"], s["tau"], s["mu"]) == ("paper", 0.5, 10, 0.1, 5.0)
+    assert (s["variant"], s["alpha"], s["num_prototypes"], s["tau"], s["mu"]) == ("paper", 0.5, 10, 1.0, 5.0)
     assert (s["ema_momentum"], s["proto_momentum"], s["bank_size"], s["paste_prob"]) == (0.9999, 0.999, 100, 0.5)
     assert (s["lambda_pseudo"], s["lambda_paste"], s["sinkhorn_eps"], s["sinkhorn_iters"]) == (0.5, 1.0, 0.05, 3)
 

@@ -123,7 +123,16 @@ def test_pseudo_losses_match_hand_computation_and_ignore_weight_zero_pixels():
 def test_pseudo_loss_schedules():
     assert pseudo_loss_weight(9_999, 90_000, 0.5, "step", 10_000 / 90_000) == 0.0
     assert pseudo_loss_weight(10_000, 90_000, 0.5, "step", 10_000 / 90_000) == 0.5
-    assert pseudo_loss_weight(45_000, 90_000, 0.3, "linear") == pytest.approx(0.15)
-    assert pseudo_loss_weight(95_000, 90_000, 0.3, "linear") == pytest.approx(0.3)
+    # linear, as released: 0 up to iteration 10000 (its 1-based counter must exceed 10000), then
+    # 0.3 * min(iter / 270000, 1) with iter counted from 1: at most 0.3 * 90000 / 270000 = 0.1 in a 1x run
+    released = dict(ramp="linear", start_frac=10_000 / 90_000, span=270_000 / 90_000)
+    assert pseudo_loss_weight(9_999, 90_000, 0.3, **released) == 0.0
+    assert pseudo_loss_weight(10_000, 90_000, 0.3, **released) == pytest.approx(0.3 * 10_001 / 270_000)
+    assert pseudo_loss_weight(89_999, 90_000, 0.3, **released) == pytest.approx(0.1)
+    # scaled to a 700-iteration demo: gate at 77.8 -> iteration 78, full span 2100
+    assert pseudo_loss_weight(77, 700, 0.3, **released) == 0.0
+    assert pseudo_loss_weight(699, 700, 0.3, **released) == pytest.approx(0.3 * 700 / 2100)
+    assert pseudo_loss_weight(44_999, 90_000, 0.3, "linear", 0.0, 1.0) == pytest.approx(0.15)
+    assert pseudo_loss_weight(95_000, 90_000, 0.3, "linear", 0.0, 1.0) == pytest.approx(0.3)
     with pytest.raises(ValueError):
         pseudo_loss_weight(0, 10, 1.0, "cosine")

@@ -108,6 +108,10 @@ def test_one_sim_training_step_gives_finite_losses_and_updates_the_state():
 
 def test_released_code_variant_step_is_finite():
     model, loss, state = _setup({"variant": "released_code", "paste_prob": 1.0})
+    for _ in range(49):  # the released code pastes only from a full bank (50 entries)
+        state.copy_paste.bank.push(_bank_entry())
+    losses, _ = _step(model, loss, state, iteration=5)
+    assert losses["loss_paste"].item() == 0.0  # 49 of 50: nothing pasted yet
     state.copy_paste.bank.push(_bank_entry())
     losses, _ = _step(model, loss, state, iteration=5)
     assert all(math.isfinite(float(v.detach())) for v in losses.values())
@@ -117,7 +121,7 @@ def test_released_code_variant_step_is_finite():
     with torch.no_grad():  # a confident teacher: the last dynamic-head bias pushes its masks to ~1
         state.teacher.model.head.controller.bias[-1] = 10.0
     losses, _ = _step(model, loss, state, iteration=5)
-    assert losses["loss_pseudo"].item() > 0  # linear ramp: 0.3 * 5 / 10 > 0
+    assert losses["loss_pseudo"].item() > 0  # gate 10 * 10000 / 90000 passed; weight 0.3 * 6 / 30 > 0
     assert losses["loss_pairwise"].item() > 0
 
 
@@ -147,6 +151,10 @@ def test_push_record_banks_teacher_segmented_instances():
     assert not state.bank_open(rec)  # still in the warm-up
     rec.iteration = 5
     assert state.bank_open(rec)
+    # the released code too fills its bank only once L_pseudo is on (iteration 10000 of 90000)
+    _, _, released = _setup({"variant": "released_code"})
+    assert not released.bank_open(SIMStepRecord(**{**rec.__dict__, "iteration": 1}))
+    assert released.bank_open(SIMStepRecord(**{**rec.__dict__, "iteration": 2}))
     state.push_record(rec)
     bank = state.copy_paste.bank
     assert len(bank) == 2

@@ -9,7 +9,7 @@ from sim_core.sim.variants import PAPER, boxinst_config, resolve_sim_settings
 
 def test_paper_defaults():
     s = resolve_sim_settings({})
-    assert (s.alpha, s.num_prototypes, s.tau, s.mu) == (0.5, 10, 0.1, 5.0)
+    assert (s.alpha, s.num_prototypes, s.tau, s.mu) == (0.5, 10, 1.0, 5.0)
     assert (s.lambda_pseudo, s.lambda_paste, s.ema_momentum, s.proto_momentum) == (0.5, 1.0, 0.9999, 0.999)
     assert (s.confident_thresh, s.sinkhorn_eps, s.sinkhorn_iters) == (0.7, 0.05, 3)
     assert (s.bank_size, s.paste_prob, s.paste_fraction) == (100, 0.5, 0.25)
@@ -24,11 +24,11 @@ def test_released_code_differs_exactly_where_listed():
     assert diff == {
         "variant": "released_code",
         "mu": 0.0,  # plain mean over the positives
-        "tau": 1.0,  # no temperature
         "lambda_pseudo": 0.3,
         "pseudo_loss_kind": "focal",
-        "pseudo_ramp": "linear",  # ramped over the whole schedule
-        "pseudo_start_frac": 0.0,
+        "pseudo_ramp": "linear",  # gated at 10000, then 0.3 * iter / 270000 (fractions of 1x)
+        "pseudo_ramp_span": 3.0,
+        "paste_when_full": True,
         "tau_high_mode": "adaptive",  # per GT, clamped to [0.7, 0.8]
         "outside_box_weight": 0.0,
         "bank_size": 50,
@@ -38,6 +38,8 @@ def test_released_code_differs_exactly_where_listed():
         "pairwise_feature_similarity": True,
     }
     assert (released["tau_high"], released["tau_high_max"], released["tau_low"]) == (0.7, 0.8, 0.4)
+    # same gate as the paper's warm-up, and no temperature in either
+    assert released["pseudo_start_frac"] == pytest.approx(10000 / 90000) and released["tau"] == 1.0
 
 
 def test_params_listing_paper_values_still_switch_with_the_variant():
@@ -51,6 +53,11 @@ def test_params_listing_paper_values_still_switch_with_the_variant():
 def test_contradictions_and_bad_values_are_input_errors():
     with pytest.raises(InputError, match="tau"):
         resolve_sim_settings({"variant": "released_code", "tau": 0.3})
+    with pytest.raises(InputError, match="pseudo_ramp_span"):
+        resolve_sim_settings({"variant": "released_code", "pseudo_ramp_span": 2.0})
+    with pytest.raises(InputError, match="pseudo_ramp_span"):
+        resolve_sim_settings({"pseudo_ramp_span": 0.0})
+    assert resolve_sim_settings({"tau": 0.1}).tau == 0.1  # the temperature stays a setting
     with pytest.raises(InputError, match="unknown key 'alhpa'"):
         resolve_sim_settings({"alhpa": 0.5})
     with pytest.raises(InputError, match="variant"):

@@ -233,7 +233,7 @@ class CopyPaste:
     """The bank plus the random decisions of tailored copy-paste, with checkpointable state."""
 
     def __init__(self, bank_size: int = 100, paste_prob: float = 0.5, paste_fraction: float = 0.25,
-                 max_paste: int = 3, score_power: float = 1.0, seed: int = 0):
+                 max_paste: int = 3, score_power: float = 1.0, seed: int = 0, paste_when_full: bool = False):
         if not 0.0 <= paste_prob <= 1.0:
             raise ValueError(f"paste probability must lie in [0, 1], got {paste_prob}")
         if not 0.0 < paste_fraction <= 1.0:
@@ -243,14 +243,18 @@ class CopyPaste:
         self.paste_fraction = float(paste_fraction)
         self.max_paste = int(max_paste)
         self.score_power = float(score_power)
+        self.paste_when_full = bool(paste_when_full)
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def __call__(self, images: list[Tensor], targets: list[dict[str, Any]]) -> tuple[list[Tensor], list[dict]]:
         """With probability ``paste_prob`` per batch, paste onto every image from its own random bank entry.
 
         Every returned target has a ``pasted`` key (all False when nothing was pasted).
+        With ``paste_when_full`` (the released code) nothing is pasted until the
+        bank holds ``bank_size`` entries.
         """
-        do_paste = len(self.bank) > 0 and float(torch.rand((), generator=self.generator)) < self.paste_prob
+        needed = self.bank.capacity if self.paste_when_full else 1
+        do_paste = len(self.bank) >= needed and float(torch.rand((), generator=self.generator)) < self.paste_prob
         out_images, out_targets = [], []
         for image, target in zip(images, targets):
             if do_paste:

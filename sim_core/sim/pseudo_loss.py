@@ -5,8 +5,10 @@
   weighted binary cross-entropy plus weighted Dice, times ``lambda1 = 0.5``,
   switched on once the warm-up (10k of 90k iterations at paper scale) is over,
   because early teacher masks and prototypes are noise.
-  The released code uses a focal loss alone, weight 0.3, ramped linearly
-  from 0 over the whole schedule (``variant: released_code``).
+  The released code uses a focal loss alone, weight 0.3, switched on after
+  iteration 10000 and ramped as ``0.3 * min(iter / 270000, 1)`` (literals in
+  its mask head; ``variant: released_code`` states them as fractions of a 1x
+  schedule, see :mod:`sim_core.sim.variants`).
 - ``L_paste`` (paper Sec. 3.4): instances pasted by the tailored copy-paste
   come with the teacher's pseudo mask as a full mask target; they are
   supervised with focal + Dice, ``lambda2 = 1``.
@@ -67,15 +69,21 @@ def paste_mask_loss(logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
 
 
 def pseudo_loss_weight(iteration: int, max_iter: int, lam: float, ramp: str = "step",
-                       start_frac: float = 10000 / 90000) -> float:
-    """Weight of ``L_pseudo`` at ``iteration``.
+                       start_frac: float = 10000 / 90000, span: float = 1.0) -> float:
+    """Weight of ``L_pseudo`` at the 0-based ``iteration``.
 
-    ``step`` (paper): ``lam`` from ``start_frac * max_iter`` on, 0 before.
-    ``linear`` (released code): ``lam * min(iteration / max_iter, 1)``.
+    Both ramps are 0 before ``start_frac * max_iter``.
+    ``step`` (paper): ``lam`` from then on.
+    ``linear`` (released code): ``lam * min((iteration + 1) / (span * max_iter), 1)``
+    from then on; ``iteration + 1`` because the released code counts
+    iterations from 1 (its counter is incremented before it is read), so at
+    1x its gate ``_iter > 10000`` opens at 0-based iteration 10000 with
+    weight ``0.3 * 10001 / 270000``.
     """
+    if ramp not in ("step", "linear"):
+        raise ValueError(f"unknown pseudo loss ramp '{ramp}' (choose step or linear)")
+    if iteration < start_frac * max_iter:
+        return 0.0
     if ramp == "step":
-        return float(lam) if iteration >= start_frac * max_iter else 0.0
-    if ramp == "linear":
-        return float(lam) * min(float(iteration) / float(max(max_iter, 1)), 1.0)
-    raise ValueError(f"unknown pseudo loss ramp '{ramp}' (choose step or linear)")
-
+        return float(lam)
+    return float(lam) * min(float(iteration + 1) / (float(span) * float(max(max_iter, 1))), 1.0)

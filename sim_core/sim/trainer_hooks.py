@@ -26,8 +26,10 @@ Order and why:
   processes) and pushes the teacher-segmented instances of the batch into the
   bank.
 - The bank is fed (and so copy-paste starts) once the pseudo-label warm-up is
-  over (``pseudo_start_frac``): before that the teacher's masks are the ones
-  SIM does not trust for ``L_pseudo`` either. The prototypes are updated from
+  over (``pseudo_start_frac``), in both variants: before that the teacher's
+  masks are the ones SIM does not trust for ``L_pseudo`` either (the released
+  code fills its bank only inside the branch that computes ``L_pseudo``, and
+  pastes only once the bank is full: ``paste_when_full``). The prototypes are updated from
   the first iteration so they are meaningful when ``L_pseudo`` starts.
 
 All state (teacher weights, prototypes, bank, the copy-paste generator) is in
@@ -64,7 +66,7 @@ class SIMTrainingState:
         self.prototypes = PrototypeBank(num_classes, s.num_prototypes, int(dim), s.proto_momentum,
                                         s.sinkhorn_eps, s.sinkhorn_iters, seed=seed).to(device)
         self.copy_paste = CopyPaste(s.bank_size, s.paste_prob, s.paste_fraction, s.max_paste,
-                                    s.paste_score_power, seed=seed)
+                                    s.paste_score_power, seed=seed, paste_when_full=s.paste_when_full)
         self.records: list[SIMStepRecord] = []
         if isinstance(mask_loss, SIMLoss):
             mask_loss.attach(self.teacher, self.prototypes, self.records)
@@ -82,11 +84,9 @@ class SIMTrainingState:
         return {"teacher": self.teacher, "prototypes": self.prototypes, "sim_records": self.records}
 
     def bank_open(self, rec: SIMStepRecord) -> bool:
-        """Feed the bank only after the warm-up (step ramp); from the start with the linear ramp."""
+        """Feed the bank only once ``L_pseudo`` is on (after ``pseudo_start_frac`` of the schedule)."""
         s = self.settings
-        if not s.copy_paste:
-            return False
-        return s.pseudo_ramp == "linear" or rec.iteration >= s.pseudo_start_frac * rec.max_iter
+        return s.copy_paste and rec.iteration >= s.pseudo_start_frac * rec.max_iter
 
     @torch.no_grad()
     def after_step(self, student: nn.Module, iteration: int) -> None:
