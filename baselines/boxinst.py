@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from baselines.lab import batch_color_similarity, color_similarity, unfold_neighbours
 from sim_core.errors import InputError
+from sim_core.evaluation.supervision_quality import diagnosable_rows, kept_pair_quality, one_row_per_gt
 from sim_core.model.mask_inputs import MaskLossInputs, dice_loss, zero_loss
 
 __all__ = [
@@ -176,12 +177,15 @@ class BoxInstLoss(nn.Module):
     The terms are computed in float32 whatever the logits' dtype (sums over
     thousands of pixels overflow float16 under mixed precision).
     ``projection_term`` / ``pairwise_term`` / ``image_similarity`` are the
-    pieces SIM reuses on the same inputs.
+    pieces SIM reuses on the same inputs. When ``inputs.diagnose`` is set,
+    ``last_quality`` holds ``pair_precision`` / ``pair_recall``
+    (:meth:`pair_quality`); otherwise it is ``{}``.
     """
 
     def __init__(self, cfg: Mapping[str, Any] | None = None):
         super().__init__()
         self.cfg = resolve_config(cfg, DEFAULTS, "boxinst")
+        self.last_quality: dict[str, float] = {}
 
     def image_similarity(self, inputs: MaskLossInputs) -> Tensor:
         """Colour similarity of every image of the batch at mask stride: ``[B, K, h, w]``."""
@@ -197,27 +201,54 @@ class BoxInstLoss(nn.Module):
         boxes = self._box_masks(inputs, logits)
         return projection_loss(logits.sigmoid(), boxes).mean() * self.cfg["projection_weight"]
 
-    def pairwise_term(self, inputs: MaskLossInputs, pair_weights: Tensor | None = None) -> Tensor:
+    def pairwise_term(self, inputs: MaskLossInputs, pair_weights: Tensor | None = None,
+                      image_similarity: Tensor | None = None) -> Tensor:
         """Ramped, weighted pairwise loss.
 
         ``pair_weights`` ``[P, K, h, w]`` multiplies the selected pairs, as in
-        :func:`pairwise_loss`.
+        :func:`pairwise_loss`; ``image_similarity`` ``[B, K, h, w]`` reuses an
+        already computed :meth:`image_similarity`.
         """
         cfg = self.cfg
         logits = inputs.mask_logits.float()
         boxes = self._box_masks(inputs, logits)
-        similarity = self.image_similarity(inputs)[inputs.im_inds].float()
+        if image_similarity is None:
+            image_similarity = self.image_similarity(inputs)
+        similarity = image_similarity[inputs.im_inds].float()
         ramp = pairwise_warmup_weight(inputs.iteration, inputs.max_iter, cfg)
         loss = pairwise_loss(logits, similarity, boxes, cfg["pairwise_color_thresh"],
                              cfg["pairwise_kernel"], cfg["pairwise_dilation"], pair_weights)
         return loss * ramp
 
+    def pair_quality(self, inputs: MaskLossInputs, image_similarity: Tensor) -> dict[str, float]:
+        """``pair_precision`` / ``pair_recall`` of the pairs the pairwise term keeps (diagnostics).
+
+        ``image_similarity`` ``[B, K, h, w]`` is what the term thresholds
+        (colour; SIM's released code: colour x feature). Scored once per GT
+        (the selection depends only on the image and the box) over the
+        instances with real GT masks (pasted ones excluded).
+        """
+        with torch.no_grad():
+            rows = diagnosable_rows(inputs.num_instances, inputs.gt_pasted,
+                                    inputs.extras.get("gt_has_mask"), inputs.mask_logits.device)
+            idx = one_row_per_gt(inputs.gt_inds, rows)
+            if idx.numel() == 0:
+                return {}
+            cfg = self.cfg
+            return kept_pair_quality(image_similarity[inputs.im_inds[idx]], inputs.gt_boxmasks[idx],
+                                     inputs.gt_bitmasks[idx], cfg["pairwise_color_thresh"],
+                                     cfg["pairwise_kernel"], cfg["pairwise_dilation"])
+
     def forward(self, inputs: MaskLossInputs) -> dict[str, Tensor]:
+        self.last_quality = {}
         if inputs.num_instances == 0:
             zero = zero_loss(inputs.mask_logits)
             return {"loss_proj": zero, "loss_pairwise": zero.clone()}
+        similarity = self.image_similarity(inputs)
+        if inputs.diagnose:
+            self.last_quality = self.pair_quality(inputs, similarity)
         return {"loss_proj": self.projection_term(inputs),
-                "loss_pairwise": self.pairwise_term(inputs)}
+                "loss_pairwise": self.pairwise_term(inputs, image_similarity=similarity)}
 
     @staticmethod
     def _box_masks(inputs: MaskLossInputs, logits: Tensor) -> Tensor:

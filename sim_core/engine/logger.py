@@ -3,6 +3,8 @@
 ``train_log.jsonl`` is the plain record the report stage reads (one json object
 per logged iteration). dvclive writes the same numbers as
 ``dvclive/plots/metrics/*.tsv`` so ``dvc plots show`` draws the curves.
+Supervision-quality diagnostics (``quality``) are written as ``sq/<name>``
+keys of the same record (dvclive: ``train/sq/<name>``); they are not losses.
 On resume, log lines past the resumed iteration are dropped so the log reads
 as one uninterrupted run.
 """
@@ -48,18 +50,23 @@ class TrainLogger:
                 break
         atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
-    def log(self, iteration: int, lr: float, losses: dict[str, float], seconds: float) -> None:
+    def log(self, iteration: int, lr: float, losses: dict[str, float], seconds: float,
+            quality: dict[str, float] | None = None) -> None:
         if not self.enabled:
             return
         self.bar.update(1)
         if iteration % self.log_every and iteration != self.max_iter - 1:
             return
-        record = {"iteration": iteration, "lr": lr, "time": round(seconds, 4), **{k: round(v, 6) for k, v in losses.items()}}
+        sq = {f"sq/{k}": v for k, v in (quality or {}).items()}
+        record = {"iteration": iteration, "lr": lr, "time": round(seconds, 4),
+                  **{k: round(v, 6) for k, v in losses.items()}, **{k: round(v, 6) for k, v in sq.items()}}
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k.startswith("loss")}, refresh=False)
         self.live.step = iteration
         for key, value in losses.items():
+            self.live.log_metric(f"train/{key}", value)
+        for key, value in sq.items():
             self.live.log_metric(f"train/{key}", value)
         self.live.log_metric("train/lr", lr)
         self.live.next_step()

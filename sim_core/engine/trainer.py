@@ -14,7 +14,11 @@ What the loop guarantees:
 - the same effective batch and learning rate for any number of processes
   (gradient accumulation), AMP on CUDA, gradient clipping;
 - ``train_log.jsonl`` + dvclive logs, a tqdm bar with the loss terms, and a
-  ``run.json`` stamp (commit, versions, device, seed, resolved params).
+  ``run.json`` stamp (commit, versions, device, seed, resolved params);
+- supervision-quality diagnostics (``train.supervision_diagnostics``): on
+  every logged iteration the mask loss scores its own targets against the GT
+  masks (``mask_loss.last_quality``), logged as ``sq/<name>`` next to the
+  losses but never part of them.
 """
 from __future__ import annotations
 
@@ -173,7 +177,15 @@ class Trainer:
                           num_workers=workers, persistent_workers=False,
                           prefetch_factor=2 if workers > 0 else None)
 
-    def _forward(self, images, targets, iteration: int, max_iter: int) -> dict[str, torch.Tensor]:
+    def diagnose_at(self, iteration: int, max_iter: int) -> bool:
+        """Whether this iteration computes the supervision-quality diagnostics (a logged one)."""
+        if not bool(self.cfg.get("supervision_diagnostics", True)):
+            return False
+        log_every = max(1, int(self.cfg.get("log_every", 20)))
+        return iteration % log_every == 0 or iteration == max_iter - 1
+
+    def _forward(self, images, targets, iteration: int, max_iter: int,
+                 diagnose: bool = False) -> dict[str, torch.Tensor]:
         images = [im.to(self.device, non_blocking=True) for im in images]
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         extras = None
@@ -182,7 +194,8 @@ class Trainer:
             extras = self.sim_state.extras()
         with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            return self.model.training_losses(images, targets, self.mask_loss, iteration, max_iter, extras=extras)
+            return self.model.training_losses(images, targets, self.mask_loss, iteration, max_iter, extras=extras,
+                                              diagnose=diagnose)
 
     def run(self) -> dict:
         self.try_resume()
@@ -204,9 +217,17 @@ class Trainer:
                 set_lr(self.optimizer, lr)
                 self.optimizer.zero_grad(set_to_none=True)
                 totals: dict[str, float] = {}
+                diagnose = self.diagnose_at(iteration, max_iter)
+                quality: dict[str, list[float]] = {}
                 for _ in range(micro):
                     images, targets = next(loader)
-                    losses = self._forward(images, targets, iteration, max_iter)
+                    if diagnose and hasattr(self.mask_loss, "last_quality"):
+                        self.mask_loss.last_quality = {}
+                    losses = self._forward(images, targets, iteration, max_iter, diagnose)
+                    if diagnose:
+                        for k, v in (getattr(self.mask_loss, "last_quality", None) or {}).items():
+                            if v is not None and math.isfinite(float(v)):
+                                quality.setdefault(k, []).append(float(v))
                     loss = sum(losses.values()) / micro
                     values = {k: float(v.detach()) for k, v in losses.items()}
                     if not all(math.isfinite(v) for v in values.values()):
@@ -224,7 +245,8 @@ class Trainer:
                 if self.sim_state is not None:
                     self.sim_state.after_step(self.model, iteration)
                 totals["loss"] = sum(v for k, v in totals.items())
-                logger.log(iteration, lr, totals, time.perf_counter() - tic)
+                logger.log(iteration, lr, totals, time.perf_counter() - tic,
+                           quality={k: sum(v) / len(v) for k, v in quality.items()})
                 done = iteration + 1
                 if self.dist.is_main and (done % int(self.cfg["checkpoint_every"]) == 0 or done == max_iter):
                     ckpt.save_checkpoint(self.run_dir, self.state_dict(done))

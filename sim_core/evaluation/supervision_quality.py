@@ -33,6 +33,8 @@ __all__ = [
     "pseudo_label_quality",
     "foreground_iou",
     "diagnosable_rows",
+    "one_row_per_gt",
+    "kept_pair_quality",
     "prefixed",
 ]
 
@@ -166,6 +168,42 @@ def diagnosable_rows(num_instances: int, gt_pasted: Tensor | None, gt_has_mask: 
     if gt_has_mask is not None:
         rows = rows & gt_has_mask.to(device=rows.device, dtype=torch.bool).reshape(-1)
     return rows
+
+
+def one_row_per_gt(gt_inds: Tensor, rows: Tensor) -> Tensor:
+    """Indices of the first selected row of each distinct GT (``rows`` ``[P]`` bool).
+
+    The detector samples several positives per GT; a target that depends only
+    on the GT (its box, its image, the teacher's map of it) is then scored once
+    per GT rather than once per sampled row.
+    """
+    idx = torch.nonzero(rows.reshape(-1), as_tuple=False).squeeze(1)
+    if idx.numel() == 0:
+        return idx
+    g = gt_inds.reshape(-1)[idx]
+    order = torch.argsort(g, stable=True)
+    g_sorted = g[order]
+    first = torch.ones_like(g_sorted, dtype=torch.bool)
+    first[1:] = g_sorted[1:] != g_sorted[:-1]
+    return idx[order[first]]
+
+
+@torch.no_grad()
+def kept_pair_quality(similarity: Tensor, box_masks: Tensor, gt_masks: Tensor, color_thresh: float,
+                      kernel: int = 3, dilation: int = 2) -> dict[str, float]:
+    """``pair_precision`` / ``pair_recall`` of BoxInst's pairwise selection.
+
+    ``similarity`` ``[N, K, h, w]`` is the per-instance pair similarity the
+    pairwise term thresholds (colour, or colour x feature in SIM's released
+    code), ``box_masks`` / ``gt_masks`` ``[N, h, w]``. As the loss: candidate
+    pairs have their centre in the box and a real neighbour (similarity > 0);
+    kept pairs are the candidates with similarity >= ``color_thresh``.
+    """
+    boxes = as_bool(box_masks.reshape(box_masks.shape[0], 1, *box_masks.shape[-2:]))
+    candidate = (similarity > 0) & boxes
+    kept = candidate & (similarity >= color_thresh)
+    same = gt_same_label_pairs(gt_masks, kernel, dilation)
+    return prefixed("pair_", pair_label_quality(kept, same, candidate))
 
 
 def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:

@@ -252,8 +252,12 @@ class CondInst(nn.Module):
     def training_losses(self, images: list[Tensor], targets: list[dict[str, Any]],
                         mask_loss: Callable[[MaskLossInputs], dict[str, Tensor]] | None,
                         iteration: int = 0, max_iter: int = 1, teacher: nn.Module | None = None,
-                        extras: dict[str, Any] | None = None) -> dict[str, Tensor]:
+                        extras: dict[str, Any] | None = None, diagnose: bool = False) -> dict[str, Tensor]:
         """Detection losses plus the terms of ``mask_loss`` (None: detection only).
+
+        ``diagnose`` is passed to the mask loss as ``MaskLossInputs.diagnose``
+        (fill ``mask_loss.last_quality`` this step; see
+        ``sim_core.evaluation.supervision_quality``).
 
         ``inputs.extras`` carries ``outputs`` (DetectorOutputs), ``assignment``
         (FCOSAssignment), ``sampled`` (indices into its positives, aligned with
@@ -287,7 +291,7 @@ class CondInst(nn.Module):
             gt_inds=gt, im_inds=im, gt_bitmasks=bitmasks[gt],
             gt_boxmasks=box_masks(a.gt_boxes[gt], pad_h, pad_w, MASK_STRIDE),
             images_raw=pre.images_raw, images_norm=pre.images_norm, image_valid=pre.image_valid,
-            iteration=int(iteration), max_iter=int(max_iter), gt_pasted=pasted)
+            iteration=int(iteration), max_iter=int(max_iter), gt_pasted=pasted, diagnose=bool(diagnose))
         inputs.extras.update({"outputs": out, "assignment": a, "sampled": sampled, "preprocessed": pre,
                               "gt_has_mask": has_mask[gt]})
         if teacher is not None:

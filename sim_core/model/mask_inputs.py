@@ -10,6 +10,8 @@ an ``nn.Module`` (some have parameters, e.g. BoxLevelSet's feature conv) with
     forward(inputs: MaskLossInputs) -> dict[str, Tensor]
 
 returning named scalar loss terms (already weighted; the engine sums them).
+A loss that supports supervision diagnostics also sets ``self.last_quality``
+when ``inputs.diagnose`` is true (see :attr:`MaskLossInputs.diagnose`).
 
 Shapes: ``P`` sampled instances in the batch, ``B`` images, padded input size
 ``H x W`` (a multiple of 32), mask stride ``s = 4`` so masks are ``H/4 x W/4``.
@@ -58,6 +60,14 @@ class MaskLossInputs:
     gt_pasted: Tensor | None = None
     """[P] bool, True for instances pasted by SIM's copy-paste (their
     ``gt_bitmasks`` are teacher pseudo masks); None when nothing was pasted."""
+    diagnose: bool = False
+    """The loss should fill ``last_quality`` this step: a ``dict[str, float]``
+    of supervision-quality metrics of its own targets against the GT masks
+    (``sim_core.evaluation.supervision_quality``), computed under
+    ``torch.no_grad()`` over the non-pasted instances that have GT masks.
+    Set by the trainer every ``train.log_every`` iterations when
+    ``train.supervision_diagnostics`` is true; the metrics are logged as
+    ``sq/<name>``, never added to the loss."""
     # --- anything method-specific (e.g. SIM's teacher outputs) ---------------
     extras: dict[str, Any] = field(default_factory=dict)
 

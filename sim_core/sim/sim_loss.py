@@ -42,6 +42,8 @@ from torch import Tensor, nn
 
 from baselines.boxinst import BoxInstLoss, pairwise_loss, pairwise_warmup_weight, projection_loss
 from baselines.lab import channel_distance, unfold_neighbours
+from sim_core.evaluation.supervision_quality import (diagnosable_rows, one_row_per_gt, prefixed,
+                                                     pseudo_label_quality)
 from sim_core.model.condinst import MASK_STRIDE, box_masks
 from sim_core.model.mask_inputs import MaskLossInputs, zero_loss
 from sim_core.sim.prototypes import PrototypeBank, confident_pixel_features
@@ -91,6 +93,7 @@ class SIMLoss(nn.Module):
         self.boxinst = BoxInstLoss(boxinst_config(self.settings, cfg.get("boxinst")))
         self._attached: dict[str, Any] = {}
         self.last_record: SIMStepRecord | None = None
+        self.last_quality: dict[str, float] = {}
 
     def attach(self, teacher: nn.Module | None = None, prototypes: PrototypeBank | None = None,
                records: list | None = None) -> None:
@@ -104,7 +107,9 @@ class SIMLoss(nn.Module):
     # ----------------------------------------------------------------- BoxInst
     def boxinst_terms(self, inputs: MaskLossInputs, teacher_feats: Tensor | None) -> dict[str, Tensor]:
         if not self.settings.pairwise_feature_similarity:
-            return self.boxinst(inputs)
+            losses = self.boxinst(inputs)
+            self.last_quality.update(self.boxinst.last_quality)
+            return losses
         cfg = self.boxinst.cfg
         logits = inputs.mask_logits
         boxes = inputs.gt_boxmasks.unsqueeze(1).to(logits.dtype)
@@ -113,7 +118,10 @@ class SIMLoss(nn.Module):
             colour = self.boxinst.image_similarity(inputs)
             feat = feature_similarity(teacher_feats, tuple(colour.shape[-2:]), cfg["pairwise_kernel"],
                                       cfg["pairwise_dilation"])
-            similarity = (colour * feat)[inputs.im_inds].to(logits.dtype)
+            similarity = colour * feat
+            if inputs.diagnose:
+                self.last_quality.update(self.boxinst.pair_quality(inputs, similarity))
+            similarity = similarity[inputs.im_inds].to(logits.dtype)
         ramp = pairwise_warmup_weight(inputs.iteration, inputs.max_iter, cfg)
         loss_pairwise = pairwise_loss(logits, similarity, boxes, cfg["pairwise_color_thresh"],
                                       cfg["pairwise_kernel"], cfg["pairwise_dilation"]) * ramp
@@ -139,8 +147,10 @@ class SIMLoss(nn.Module):
         s = self.settings
         logits = inputs.mask_logits
         zero = zero_loss(logits)
+        self.last_quality = {}
         if not self.needs_teacher():  # every SIM component off: plain BoxInst
             losses = self.boxinst(inputs)
+            self.last_quality.update(self.boxinst.last_quality)
             return {**losses, "loss_pseudo": zero.clone(), "loss_paste": zero.clone()}
         teacher = self._get(inputs, "teacher")
         prototypes = self._get(inputs, "prototypes")
@@ -167,9 +177,11 @@ class SIMLoss(nn.Module):
         pad_h, pad_w = inputs.images_norm.shape[-2:]
         gt_box_masks = box_masks(a.gt_boxes, pad_h, pad_w, MASK_STRIDE)
         valid = valid_at_mask_stride(inputs.image_valid)[a.gt_im_inds]
+        if inputs.diagnose:
+            self.last_quality.update(self.pseudo_quality(inputs, pred, prototypes, a, M_I, gt_box_masks))
 
         weight = pseudo_loss_weight(inputs.iteration, inputs.max_iter, s.lambda_pseudo, s.pseudo_ramp,
-                                    s.pseudo_start_frac) if s.pseudo_loss else 0.0
+                                    s.pseudo_start_frac, s.pseudo_ramp_span) if s.pseudo_loss else 0.0
         loss_pseudo = zero.clone()
         if weight > 0 and inputs.num_instances:
             M = self.pseudo_probability(pred, prototypes, a, M_I)
@@ -200,6 +212,46 @@ class SIMLoss(nn.Module):
         if records is not None:
             records.append(record)
         return losses
+
+    @torch.no_grad()
+    def pseudo_quality(self, inputs: MaskLossInputs, pred, prototypes: PrototypeBank | None, a, M_I: Tensor,
+                       gt_box_masks: Tensor) -> dict[str, float]:
+        """In-box quality of the pseudo labels from ``M_S``, ``M_I`` and ``M`` (diagnostics).
+
+        Each map is thresholded as the loss thresholds ``M`` (foreground
+        ``> tau_high``, the per-GT adaptive one when the variant uses it;
+        background ``< tau_low``; the rest ignored) and scored against the GT
+        masks of the non-pasted GTs (once per GT), with the prefixes ``MS_``,
+        ``MI_`` and ``M_`` (:func:`pseudo_label_quality`). Reported also
+        before ``L_pseudo`` is switched on: the labels it would use.
+        """
+        s = self.settings
+        rows = diagnosable_rows(inputs.num_instances, inputs.gt_pasted, inputs.extras.get("gt_has_mask"),
+                                inputs.mask_logits.device)
+        idx = one_row_per_gt(inputs.gt_inds, rows)
+        if idx.numel() == 0:
+            return {}
+        gts = inputs.gt_inds[idx]
+        instance = M_I[gts].float()
+        boxes = gt_box_masks[gts]
+        semantic = None
+        if s.prototypes and prototypes is not None:
+            semantic = semantic_probability_map(pred.mask_feats, prototypes.prototypes, a.gt_labels[gts],
+                                                a.gt_im_inds[gts], tau=s.tau,
+                                                size=tuple(M_I.shape[-2:])).float()
+        combined = combine_maps(semantic, instance, s.alpha) if s.self_correction else semantic
+        tau_high: float | Tensor = s.tau_high
+        if s.tau_high_mode == "adaptive" and combined is not None:
+            tau_high = adaptive_tau_high(combined, instance, boxes, s.confident_thresh, s.tau_high,
+                                         s.tau_high_max).view(-1, 1, 1)
+        out: dict[str, float] = {}
+        for prefix, probs in (("MS_", semantic), ("MI_", instance), ("M_", combined)):
+            if probs is None:
+                continue
+            fg = probs > tau_high
+            bg = probs < s.tau_low
+            out.update(prefixed(prefix, pseudo_label_quality(fg, bg, ~(fg | bg), inputs.gt_bitmasks[idx], boxes)))
+        return out
 
     @torch.no_grad()
     def make_record(self, inputs: MaskLossInputs, a, prototypes: PrototypeBank | None, M_I: Tensor,
