@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "pairwise_dilation": 2,
     "pairwise_warmup_frac": 10000 / 90000,
     "ignore_bottom_px": 10,
+    "pairwise_warmup_iters": None,  # a fixed ramp length in iterations; None: pairwise_warmup_frac * max_iter
 }
 
 
@@ -80,7 +81,9 @@ def resolve_config(cfg: Mapping[str, Any] | None, defaults: Mapping[str, Any],
             raise InputError(f"params: {section}", f"unknown key {key!r}; known keys: "
                              + ", ".join(sorted(defaults)))
         default = defaults[key]
-        if isinstance(default, bool):
+        if key == "pairwise_warmup_iters":  # None (use the fraction) or a count of iterations
+            ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+        elif isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
             ok = isinstance(value, int) and not isinstance(value, bool)
@@ -90,12 +93,12 @@ def resolve_config(cfg: Mapping[str, Any] | None, defaults: Mapping[str, Any],
         else:
             ok = isinstance(value, type(default))
         if not ok:
-            raise InputError(f"params: {section}", f"{key} must be a {type(default).__name__}, "
-                             f"got {value!r}")
+            kind = "null or an int" if default is None else type(default).__name__
+            raise InputError(f"params: {section}", f"{key} must be a {kind}, got {value!r}")
         resolved[key] = value
     for key in ("projection_weight", "pairwise_weight", "pairwise_color_thresh",
-                "pairwise_warmup_frac", "ignore_bottom_px"):
-        if key in resolved and resolved[key] < 0:
+                "pairwise_warmup_frac", "ignore_bottom_px", "pairwise_warmup_iters"):
+        if key in resolved and resolved[key] is not None and resolved[key] < 0:
             raise InputError(f"params: {section}", f"{key} must be >= 0, got {resolved[key]!r}")
     if "pairwise_kernel" in resolved and (resolved["pairwise_kernel"] < 3
                                           or resolved["pairwise_kernel"] % 2 == 0):
@@ -162,10 +165,19 @@ def pairwise_loss(mask_logits: Tensor, similarity: Tensor, box_masks: Tensor,
 
 
 def pairwise_warmup_weight(iteration: int, max_iter: int, cfg: Mapping[str, Any]) -> float:
-    """``w * min(iteration / (frac * max_iter), 1)``: the pairwise term's ramp."""
+    """``w * min(iteration / ramp_iters, 1)``: the pairwise term's ramp.
+
+    ``ramp_iters`` is ``pairwise_warmup_iters`` when set (AdelaiDet's
+    ``MODEL.BOXINST.PAIRWISE.WARMUP_ITERS``, 10000 for every schedule: the
+    paper profiles), else ``pairwise_warmup_frac * max_iter`` (the demo's
+    schedule-scaled ramp).
+    """
     weight = float(cfg.get("pairwise_weight", DEFAULTS["pairwise_weight"]))
-    frac = float(cfg.get("pairwise_warmup_frac", DEFAULTS["pairwise_warmup_frac"]))
-    ramp_iters = frac * max_iter
+    fixed = cfg.get("pairwise_warmup_iters")
+    if fixed is not None:
+        ramp_iters = float(fixed)
+    else:
+        ramp_iters = float(cfg.get("pairwise_warmup_frac", DEFAULTS["pairwise_warmup_frac"])) * max_iter
     if ramp_iters <= 0:
         return weight
     return weight * min(max(iteration, 0) / ramp_iters, 1.0)

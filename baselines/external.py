@@ -29,19 +29,29 @@ ground truth's category ids sorted ascending and C = len(G).
 When the ids fit the original ids *and* a contiguous rule that would map
 them differently (e.g. a VOC file containing only ids 1..19), the file is
 ambiguous and the import stops; pass ``category_ids`` = "original",
-"contiguous0" or "contiguous1" explicitly. (With G = 1..C, "contiguous1"
-and "original" are the same mapping, so that case is not ambiguous.)
+"contiguous0" or "contiguous1" explicitly (``simbench import
+--category-ids``). (With G = 1..C, "contiguous1" and "original" are the same
+mapping, so that case is not ambiguous.) When the upstream run used its own
+label order (a dataset registered with different ids, a class list in another
+order), ``category_ids`` can also be an explicit mapping from the ids in the
+file to the ground truth's ids: a dict, or on the command line
+``--category-ids 0:1,1:5,2:9`` or the path of a JSON object
+``{"0": 1, "1": 5, "2": 9}`` (:func:`parse_category_ids`). Every id in the
+file must be mapped and every target must be a ground-truth id.
 
 Pickled outputs (``.pkl``) are refused, never loaded: unpickling runs
 arbitrary code. The error says how to get JSON from the upstream test.
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 from sim_core.errors import InputError
-from sim_core.evaluation.results import check_results, compress_rle, gt_index, load_json, mask_box
+from sim_core.data.validate import load_gt
+from sim_core.evaluation.results import check_results, compress_rle, load_json, mask_box
 from sim_core.io_utils import atomic_write_json
 
 FORMATS = ("adelaidet", "mmdet", "boxlevelset")
@@ -62,7 +72,7 @@ def import_results(
     files: Sequence[str | Path],
     gt: str | Path,
     out: str | Path,
-    category_ids: str = "auto",
+    category_ids: Union[str, Mapping[int, int]] = "auto",
     bbox_out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Convert upstream result files to simbench's segm/bbox results files.
@@ -75,8 +85,9 @@ def import_results(
     """
     if fmt not in FORMATS:
         raise InputError("--from", f"unknown upstream format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if category_ids not in CATEGORY_RULES:
-        raise InputError("category_ids", f"expected one of {', '.join(CATEGORY_RULES)}, got {category_ids!r}")
+    if isinstance(category_ids, str) and category_ids not in CATEGORY_RULES:
+        raise InputError("category_ids", f"expected one of {', '.join(CATEGORY_RULES)} or a mapping, "
+                                         f"got {category_ids!r}")
     paths = [Path(f) for f in files]
     if not paths:
         raise InputError("--file", "no result file given")
@@ -84,8 +95,8 @@ def import_results(
         if path.suffix.lower() in _PICKLE_SUFFIXES:
             raise InputError(path, f"pickled results are not loaded (unpickling can run arbitrary code); "
                                    f"{_RERUN_HINT[fmt]}")
-    gt_data = load_json(gt, "ground truth")
-    _, gt_cats = gt_index(gt_data, gt)
+    gt_data = load_gt(gt, require_segmentation=False)  # the one gate (sim_core.data.validate)
+    gt_cats = gt_data.category_ids
 
     segm_src, bbox_src = _read_sources(fmt, paths)
     found = {int(r["category_id"]) for _, recs in (segm_src, bbox_src) if recs for r in recs
@@ -127,11 +138,46 @@ def default_bbox_path(segm_path: Path) -> Path:
     return segm_path.with_name(f"{segm_path.stem}.bbox.json")
 
 
-def resolve_category_ids(found: set[int], gt_ids: Sequence[int], rule: str = "auto",
+def parse_category_ids(text: str) -> Union[str, dict[int, int]]:
+    """``--category-ids``: a rule name, ``FROM:TO,FROM:TO,...`` or the path of a JSON object ``{FROM: TO}``."""
+    text = text.strip()
+    if text in CATEGORY_RULES:
+        return text
+    if re.fullmatch(r"-?\d+\s*:\s*-?\d+(\s*,\s*-?\d+\s*:\s*-?\d+)*", text):
+        pairs = [item.split(":") for item in text.split(",")]
+        mapping = {int(a): int(b) for a, b in pairs}
+        if len(mapping) != len(pairs):
+            raise InputError("--category-ids", f"an id is mapped twice in {text!r}")
+        return mapping
+    path = Path(text)
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise InputError(path, "--category-ids: not a JSON file") from None
+        if not isinstance(data, dict) or not all(_is_int(v) and re.fullmatch(r"-?\d+", str(k))
+                                                 for k, v in data.items()):
+            raise InputError(path, '--category-ids: expected a JSON object of integer ids, e.g. {"0": 1, "1": 5}')
+        return {int(k): int(v) for k, v in data.items()}
+    raise InputError("--category-ids", f"expected one of {', '.join(CATEGORY_RULES)}, a mapping such as "
+                                       f"0:1,1:5,2:9, or a JSON file of one; got {text!r}")
+
+
+def resolve_category_ids(found: set[int], gt_ids: Sequence[int], rule: Union[str, Mapping[int, int]] = "auto",
                          where: str = "results") -> tuple[str, dict[int, int]]:
     """Decide how result category ids map to ground-truth ids (see the module docstring)."""
     gt_ids = sorted(int(c) for c in gt_ids)
     n = len(gt_ids)
+    if not isinstance(rule, str):
+        mapping = {int(k): int(v) for k, v in rule.items()}
+        bad_targets = sorted(set(mapping.values()) - set(gt_ids))
+        if bad_targets:
+            raise InputError(where, f"--category-ids maps to {bad_targets[:10]}, which are not ground-truth "
+                                    f"category ids ({gt_ids[:10]}...)")
+        unmapped = sorted(found - set(mapping))
+        if unmapped:
+            raise InputError(where, f"category ids {unmapped[:10]} in the results are not in --category-ids")
+        return "mapping", mapping
     candidates = {
         "original": {c: c for c in gt_ids},
         "contiguous0": {i: gt_ids[i] for i in range(n)},
@@ -156,7 +202,8 @@ def resolve_category_ids(found: set[int], gt_ids: Sequence[int], rule: str = "au
             distinct[name] = m
     if len(distinct) > 1:
         raise InputError(where, f"category ids {sorted(found)[:10]} fit several rules ({', '.join(distinct)}) "
-                                "that map them differently; pass category_ids explicitly")
+                                "that map them differently; pass --category-ids original, contiguous0 or "
+                                "contiguous1 (or an explicit FROM:TO,... mapping)")
     name = next(iter(distinct))
     return name, distinct[name]
 

@@ -5,6 +5,8 @@ the evaluated split's ``<data_dir>/<split>.json`` and ``images/``, and
 ``reports/paper_numbers.yaml``; never trains or predicts. Writes
 ``<out>/{tables/*.tex, figures/*.pdf|png, report.tex, report.pdf,
 bootstrap.json}`` as one atomic directory. Missing metrics print as ``---``.
+Runs whose ``train_log.jsonl`` has supervision-quality keys (``sq/<name>``) get
+the figure "supervision quality over training" and a table of final values.
 
 Runs are grouped by the (profile, dataset, split) of their metrics.json; each group
 has its own tables, so small-scale runs never share a table with published numbers.
@@ -351,6 +353,20 @@ def _panel(title: str, rows: list[Row], paper: tables.PaperNumbers) -> plots.Abl
                                [delta(v, aps[0]) for v in aps], [delta(v, reported[0]) for v in reported])
 
 
+def supervision_quality_section(report: _Report, root: Path, curves: dict, smooth: int) -> dict:
+    """Figure "supervision quality over training" and the table of final values (runs with ``sq/`` keys)."""
+    paths = plots.plot_supervision_quality(curves, root / "figures" / "supervision_quality", smooth)
+    caption = ("Supervision quality over training (\\%): each method's own mask targets scored against the "
+               "ground-truth masks every logged iteration; one row per family of targets, one panel per metric; "
+               f"colour: method, line style: run within a method; moving average over {smooth} points.")
+    final = [(run, *plots.final_quality(frame)) for run, (_, frame) in curves.items()]
+    table = report.table("supervision_quality", tables.supervision_quality_table(final))
+    return {"title": "Supervision quality over training",
+            "intro": ("Computed without gradients from the targets each loss actually uses "
+                      "(train.supervision\\_diagnostics); never part of the loss."),
+            "tables": [table], "figures": [report.figure(paths, caption, 1.0)]}
+
+
 def run_report(params: dict, runs_dir: Path, out: Path) -> None:
     """Write tables, figures, bootstrap.json, report.tex and (with pdflatex) report.pdf to ``out``."""
     config, specs = report_config(params), run_specs(params)
@@ -378,6 +394,9 @@ def run_report(params: dict, runs_dir: Path, out: Path) -> None:
                        f"a method; moving average over {int(config['curve_smoothing'])} points.")
             report.sections.append({"title": "Training curves", "intro": "", "tables": [],
                                     "figures": [report.figure(paths, caption, 1.0)]})
+        quality = {n: c for n, c in curves.items() if plots.quality_columns(c[1])}
+        if quality:
+            report.sections.append(supervision_quality_section(report, root, quality, int(config["curve_smoothing"])))
         published = [report.table(f"paper_sim_t{t}", tables.paper_table(paper, "sim", t, f"tab:paper-sim-t{t}"))
                      for t in ("1", "2", "3", "4", "5")]
         report.sections.append({"title": "Published numbers", "tables": published, "figures": [],

@@ -142,6 +142,20 @@ def _run_worker(queue: list[Job], queue_lock: threading.Lock, print_lock: thread
             failed.set()
 
 
+def check_weights(params: dict) -> None:
+    """Every run's backbone weights on this machine (``imagenet``: downloaded once) before any stage runs."""
+    from sim_core.config import resolve_run
+    from sim_core.model.pretrained import prepare_weights
+
+    seen = set()
+    for name in params.get("runs") or {}:
+        model = resolve_run(params, name)["model"]
+        key = (str(model.get("backbone")), repr(model.get("pretrained")))
+        if key not in seen:
+            seen.add(key)
+            prepare_weights(model)
+
+
 def main(args: argparse.Namespace) -> int:
     from sim_core.config import read_yaml
     from sim_core.errors import InputError
@@ -164,6 +178,7 @@ def main(args: argparse.Namespace) -> int:
         print(" ".join(_dvc()))
         print(f"# {len(queue)} runs, {min(len(envs), len(queue))} at a time")
         return 0
+    check_weights(params)  # before `dvc repro prepare`: offline without cached weights stops here (exit 2)
     start = time.monotonic()
     if subprocess.call(_dvc("prepare")) != 0:
         return 1

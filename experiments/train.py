@@ -6,6 +6,11 @@ is above 1 and the command is not already under torchrun, it launches that many
 local processes itself (torch's elastic launcher), so the dvc stage command
 stays the same for any process count.
 
+The backbone's initial weights (``model.pretrained``) are checked first: an
+``imagenet`` file missing from torch hub's cache is downloaded once here, and
+when that is impossible the command stops with exit code 2 before it reads any
+data, naming the file, its URL and where to put it.
+
 Under ``torchrun`` spell the run option ``--name``: torchrun's own parser
 claims every option that abbreviates one of its own (``--run`` abbreviates
 ``--run-path``) even after the script name.
@@ -29,10 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from sim_core.config import resolve_run
+
+    from sim_core.model.pretrained import prepare_weights
+
+    params = load_params_from_args(args)  # validated (names, overrides the run would ignore) before torch loads
+    resolved = resolve_run(params, args.run)
     from sim_core.engine.trainer import train_run
 
-    params = load_params_from_args(args)
-    resolved = resolve_run(params, args.run)
+    prepare_weights(resolved["model"])  # weights cached (or downloaded) before any data or run dir is touched
     run_dir = run_dir_for(params, args.run, args.run_dir)
     processes = int(resolved["train"].get("processes", 1))
     if processes > 1 and "LOCAL_RANK" not in os.environ:

@@ -1,4 +1,4 @@
-"""Figures of the report: training curves, AP by object size, ablation differences.
+"""Figures of the report: training curves, supervision quality, AP by object size, ablation differences.
 
 Each figure is written twice, as PDF (vector, for LaTeX) and PNG (for a quick
 look and for ``dvc plots``), through an atomic write. Colours are fixed per
@@ -10,6 +10,11 @@ dvclive history files ``dvclive/plots/metrics/**/<name>.tsv`` (columns
 ``step`` and ``<name>``). A resumed run may log an iteration twice; the last
 record wins. The curves are drawn with a trailing moving average whose window
 is ``report.curve_smoothing`` logged points (1 = raw).
+
+Supervision-quality diagnostics are the ``sq/<name>`` columns of the same
+log (dvclive: ``train/sq/<name>.tsv``); :func:`quality_key` splits a name
+into its family (whose targets: ``pair``, ``MS``, ``MI``, ``M``,
+``levelset_img`` ...) and its metric (``precision``, ``fg_recall``, ``fg_iou`` ...).
 """
 from __future__ import annotations
 
@@ -36,6 +41,16 @@ TOTAL_NAMES = ("loss", "total_loss", "loss_total")
 DETECTION_TERMS = {"loss_cls", "loss_box", "loss_bbox", "loss_giou", "loss_reg", "loss_ctr",
                    "loss_centerness", "loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"}
 LINESTYLES = ("-", "--", ":", "-.")
+SQ_PREFIX = "sq/"
+# metric suffixes of the supervision-quality names, longest match first
+SQ_METRICS = ("fg_precision", "fg_recall", "bg_precision", "bg_recall", "ignored", "fg_iou",
+              "precision", "recall")
+SQ_METRIC_TITLES = {"precision": "precision", "recall": "recall", "fg_precision": "fg precision",
+                    "fg_recall": "fg recall", "bg_precision": "bg precision", "bg_recall": "bg recall",
+                    "ignored": "ignored fraction", "fg_iou": "fg IoU", "value": "value"}
+SQ_FAMILY_TITLES = {"pair": "BoxInst pairs", "MS": "SIM $M_S$", "MI": "SIM $M_I$", "M": "SIM $M$",
+                    "levelset_img": "level set, image", "levelset_feat": "level set, features"}
+SQ_FAMILY_ORDER = ("pair", "MS", "MI", "M", "levelset_img", "levelset_feat")
 
 
 def method_color(method: str) -> str:
@@ -88,7 +103,8 @@ def read_dvclive(directory: Path) -> pd.DataFrame:
         name = tsv.stem
         if "step" not in table or name not in table:
             raise InputError(tsv, f"expected columns 'step' and '{name}'")
-        columns[name] = table.drop_duplicates("step", keep="last").set_index("step")[name]
+        key = SQ_PREFIX + name if tsv.parent.name == SQ_PREFIX.rstrip("/") else name
+        columns[key] = table.drop_duplicates("step", keep="last").set_index("step")[name]
     return pd.DataFrame(columns).sort_index() if columns else pd.DataFrame()
 
 
@@ -116,6 +132,97 @@ def mask_terms(frame: pd.DataFrame) -> list[str]:
     """Loss terms other than the total and the (identical for all methods) detection losses."""
     return [c for c in frame.columns if str(c).startswith("loss_") and c not in TOTAL_NAMES
             and c not in DETECTION_TERMS and "fcos" not in c and "centerness" not in c]
+
+
+def quality_key(name: str) -> tuple[str, str]:
+    """``sq/MS_fg_recall`` (or ``MS_fg_recall``) -> ``("MS", "fg_recall")``; unknown metrics -> ``(name, "value")``."""
+    name = name[len(SQ_PREFIX):] if name.startswith(SQ_PREFIX) else name
+    for metric in SQ_METRICS:
+        if name == metric:
+            return "", metric
+        if name.endswith("_" + metric):
+            return name[:-len(metric) - 1], metric
+    return name, "value"
+
+
+def quality_columns(frame: pd.DataFrame) -> list[str]:
+    """The ``sq/...`` columns of a log frame, in family then metric order."""
+    cols = [c for c in frame.columns if str(c).startswith(SQ_PREFIX)]
+    return sorted(cols, key=quality_sort_key)
+
+
+def quality_sort_key(name: str) -> tuple:
+    family, metric = quality_key(name)
+    fam = SQ_FAMILY_ORDER.index(family) if family in SQ_FAMILY_ORDER else len(SQ_FAMILY_ORDER)
+    met = SQ_METRICS.index(metric) if metric in SQ_METRICS else len(SQ_METRICS)
+    return fam, family, met, metric
+
+
+def family_title(family: str) -> str:
+    return SQ_FAMILY_TITLES.get(family, family.replace("_", " ") or "targets")
+
+
+def final_quality(frame: pd.DataFrame) -> tuple[int | None, dict[str, float]]:
+    """Last logged value of every ``sq/`` column (without the prefix) and the last iteration with any."""
+    out: dict[str, float] = {}
+    last = None
+    for column in quality_columns(frame):
+        series = frame[column].dropna()
+        if series.empty:
+            continue
+        out[column[len(SQ_PREFIX):]] = float(series.iloc[-1])
+        last = max(last or 0, int(series.index[-1]))
+    return last, out
+
+
+def plot_supervision_quality(curves: Mapping[str, tuple[str, pd.DataFrame]], stem: Path,
+                             smooth: int = 1) -> list[Path] | None:
+    """Supervision quality over training: one row of panels per family of targets, one panel
+    per metric, one line per run (coloured by method). None when no run logged ``sq/`` keys."""
+    columns = sorted({c for _, frame in curves.values() for c in quality_columns(frame)}, key=quality_sort_key)
+    if not columns:
+        return None
+    families: dict[str, list[str]] = {}
+    for column in columns:
+        families.setdefault(quality_key(column)[0], []).append(column)
+    ncols = max(len(v) for v in families.values())
+    nrows = len(families)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.1 * nrows), squeeze=False)
+    seen: dict[str, int] = {}
+    styles = {}
+    for run, (method, _) in curves.items():
+        styles[run] = LINESTYLES[seen.setdefault(method, 0) % len(LINESTYLES)]
+        seen[method] += 1
+    handles: dict[str, object] = {}
+    for row, (family, names) in enumerate(families.items()):
+        for col in range(ncols):
+            ax = axes[row, col]
+            if col >= len(names):
+                ax.axis("off")
+                continue
+            column = names[col]
+            for run, (method, frame) in curves.items():
+                series = frame.get(column)
+                if series is None or series.dropna().empty:
+                    continue
+                series = series.dropna().rolling(max(1, smooth), min_periods=1).mean()
+                (line,) = ax.plot(series.index, 100.0 * series.values, styles[run], color=method_color(method),
+                                  lw=1.2, label=run)
+                handles.setdefault(run, line)
+            ax.set_title(f"{family_title(family)}: {SQ_METRIC_TITLES[quality_key(column)[1]]}", fontsize=8)
+            ax.set_ylim(-2, 102)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("iteration", fontsize=7)
+            if col == 0:
+                ax.set_ylabel("%", fontsize=7)
+    legend_rows = int(np.ceil(len(handles) / 5))
+    bottom = min(0.4, 0.2 * legend_rows / fig.get_figheight()) if handles else 0.0
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(5, len(handles)),
+                   fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    return save_figure(fig, stem)
 
 
 def plot_training_curves(curves: Mapping[str, tuple[str, pd.DataFrame]], stem: Path,

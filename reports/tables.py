@@ -373,3 +373,46 @@ def paper_table(paper: PaperNumbers, paper_key: str, table: str, label: str) -> 
     header = ["Backbone", "Sched.", "Row"] + [HEADERS[c] for c in columns]
     return render(cells, header, caption, label, "lll" + "r" * len(columns), rules,
                   ["Notes: " + "; ".join(notes)] if notes else [])
+
+
+# ------------------------------------------------------------------- supervision quality
+SQ_COLUMNS = (("precision", "Prec."), ("recall", "Rec."), ("fg_precision", "fg Prec."), ("fg_recall", "fg Rec."),
+              ("bg_precision", "bg Prec."), ("bg_recall", "bg Rec."), ("ignored", "Ignored"), ("fg_iou", "fg IoU"),
+              ("value", "Other"))
+
+
+def supervision_quality_table(final: Sequence[tuple[str, int | None, dict[str, float]]],
+                              label: str = "tab:supervision-quality") -> str:
+    """Final supervision quality per run: one line per (run, family of targets), metrics in columns.
+
+    ``final`` is ``[(run, last iteration, {name: value})]`` with the names the
+    losses log (without ``sq/``), values as fractions (printed in %). Columns
+    no run has are left out; a metric a family does not have prints as ``---``.
+    """
+    from reports.plots import family_title, quality_key, quality_sort_key
+
+    present = {quality_key(name)[1] for _, _, values in final for name in values}
+    columns = [(key, head) for key, head in SQ_COLUMNS if key in present]
+    cells, rules = [], []
+    for run, iteration, values in final:
+        families: dict[str, dict[str, float]] = {}
+        for name in sorted(values, key=quality_sort_key):
+            family, metric = quality_key(name)
+            families.setdefault(family, {})[metric] = values[name]
+        for index, (family, metrics) in enumerate(families.items()):
+            lead = [latex_escape(run), "" if iteration is None else str(iteration)] if index == 0 else ["", ""]
+            cells.append(lead + [family_title(family)]
+                         + [fmt_value(100.0 * metrics[key]) if key in metrics and math.isfinite(metrics[key])
+                            else MISSING for key, _ in columns])
+        if families:
+            rules.append(len(cells) - 1)
+    header = ["Run", "Iter.", "Targets"] + [head for _, head in columns]
+    caption = ("Supervision quality at the last logged iteration (\\%), each method's own mask targets against "
+               "the ground-truth masks (non-pasted instances, pooled over the pixels or pairs of a batch). "
+               "Pairs: neighbour pairs BoxInst's pairwise term keeps as same label (precision; recall among "
+               "the in-box pairs that share the GT label). SIM: in-box pseudo labels from $M_S$, $M_I$ and $M$ "
+               "with the loss's thresholds (fg $>\\tau_{high}$, bg $<\\tau_{low}$, the rest ignored). "
+               "Level set: IoU with the GT mask of the foreground the energy prefers. Runs without "
+               "diagnostics (mask, box-as-mask, older runs) are not listed.")
+    fmt = "lll" + "r" * len(columns)
+    return render(cells, header, caption, label, fmt, rules)

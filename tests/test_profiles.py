@@ -72,10 +72,28 @@ def test_sim_paper_defaults_in_paper_profiles():
     assert (s["lambda_pseudo"], s["lambda_paste"], s["sinkhorn_eps"], s["sinkhorn_iters"]) == (0.5, 1.0, 0.05, 3)
 
 
+# LiWentomng/boxlevelset configs/boxlevelset/{coco,voc}/box_levelset_*_r50_fpn_3x.py: 36 epochs, steps at
+# epochs 27 and 33; COCO 117,266 train2017 images with annotations / batch 16 -> 7330 iterations an epoch,
+# VOC train_aug 10,582 / batch 8 -> 1323.
+OWN_RECIPE = {
+    # name: (lr, batch, iterations per epoch, warm-up iterations, warm-up ratio, test mask threshold)
+    "coco_r50_boxlevelset_own": (1e-4, 16, 7330, 2000, 0.01, 0.55),
+    "voc_r50_boxlevelset_own": (5e-5, 8, 1323, 2000, 0.001, 0.70),
+}
+
+
 def test_boxlevelset_own_recipe():
-    for name, lr in (("coco_r50_boxlevelset_own", 1e-4), ("voc_r50_boxlevelset_own", 5e-5)):
-        t = load_params(profile_path(name))["train"]
+    for name, (lr, batch, epoch, warmup, ratio, mask_thresh) in OWN_RECIPE.items():
+        p = load_params(profile_path(name))
+        t = p["train"]
         assert (t["optimizer"], t["lr"], t["weight_decay"], t["grad_clip"]) == ("adamw", lr, 0.1, 1.0)
+        assert (t["batch_size"], t["batch_per_process"]) == (batch, 2)
+        assert t["max_iter"] == 36 * epoch and t["steps"] == [27 * epoch, 33 * epoch]
+        assert (t["warmup_iters"], t["warmup_factor"]) == (warmup, ratio)
+        assert t["norm_weight_decay"] == 0.0
+        assert p["evaluate"]["mask_thresh"] == mask_thresh
+        assert p["model"]["pretrained"] == "ResNet50_Weights.IMAGENET1K_V2"  # resnet50-11ad3fa6.pth
+        assert (p["model"]["backbone"], p["model"]["freeze_at"]) == ("resnet50", 2)  # mmdet frozen_stages=1
     b = load_params(profile_path("coco_r50_1x"))["boxlevelset"]
     assert (b["projection_weight"], b["levelset_img_weight"], b["levelset_feat_weight"]) == (3.0, 0.05, 5.0)
     assert b["levelset_gamma"] == 1e-4
@@ -88,3 +106,21 @@ def test_demo_runs_cover_methods_and_ablations():
     sets = [r.get("set", {}) for r in runs.values()]
     assert {"sim.copy_paste": False} in sets and {"sim.alpha": 0.0} in sets and {"sim.alpha": 1.0} in sets
     assert {"sim.num_prototypes": 1} in sets
+
+
+PAPER_NAMES = [n for n in available_profiles() if n.startswith(("coco_r", "coco_swin", "voc_"))]
+
+
+@pytest.mark.parametrize("name", available_profiles())
+def test_weights_warmup_and_thresh_with_ctr(name):
+    p = load_params(profile_path(name))
+    assert p["model"]["thresh_with_ctr"] is True  # AdelaiDet's BoxInst configs: FCOS.THRESH_WITH_CTR True
+    if name in PAPER_NAMES:
+        expected = "ResNet50_Weights.IMAGENET1K_V2" if name in OWN_RECIPE else "imagenet"
+        assert p["model"]["pretrained"] == expected
+        assert p["boxinst"]["pairwise_warmup_iters"] == 10000  # BOXINST.PAIRWISE.WARMUP_ITERS, every schedule
+    else:
+        assert name in ("demo", "smoke", "coco128")
+        assert p["model"]["pretrained"] == "none"
+        assert p["boxinst"]["pairwise_warmup_iters"] is None
+

@@ -189,8 +189,14 @@ def test_run_report_end_to_end(tmp_path) -> None:
     report_tex = (out / "report.tex").read_text()
     for name in ("main_demo-synthetic-val", "components_demo-synthetic-val", "bootstrap_demo-synthetic-val"):
         assert rf"\input{{tables/{name}.tex}}" in report_tex
-    for fig in ("training_curves", "qualitative_demo-synthetic-val", "ap_by_size_demo-synthetic-val"):
+    for fig in ("training_curves", "qualitative_demo-synthetic-val", "ap_by_size_demo-synthetic-val",
+                "supervision_quality"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 1000
+    assert r"\input{tables/supervision_quality.tex}" in report_tex
+    assert "supervision_quality.pdf" in report_tex and "Supervision quality over training" in report_tex
+    quality = (out / "tables" / "supervision_quality.tex").read_text()
+    assert re.search(r"^boxinst\\_s0 & 36 & BoxInst pairs & 89\.1 & 50\.0 &", quality, re.M)  # last logged
+    assert "level set, image" in quality and "mask\\_s0" not in quality  # mask runs log no diagnostics
     assert "sim\\_missing\\_s2: no metrics.json" in report_tex
     if latex.pdflatex_path():
         assert (out / "report.pdf").read_bytes().startswith(b"%PDF")

@@ -1,8 +1,10 @@
-"""How a number was made: git commit, package versions, device, seed, params.
+"""How a number was made: git commit, package versions, device, seed, params, initial weights.
 
 Every run directory gets a ``run.json`` with this stamp, and every metrics file
 carries the commit and params, so a table cell can be traced back to the code
-and settings that produced it.
+and settings that produced it. ``pretrained`` names the backbone's initial
+weights (torchvision enum name such as ``ResNet50_Weights.IMAGENET1K_V1``, a file
+path, or ``none``) with the file and its sha256.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from sim_core.model.pretrained import weights_record
 
 PACKAGES = ("torch", "torchvision", "numpy", "pycocotools", "faster-coco-eval", "kornia", "dvc", "dvclive", "simbench")
 
@@ -57,6 +61,7 @@ def run_stamp(params: dict, device: torch.device, world_size: int = 1) -> dict[s
         "python": platform.python_version(),
         "device": describe_device(device),
         "world_size": world_size,
+        "pretrained": weights_record(params.get("model") or {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "params": params,
     }

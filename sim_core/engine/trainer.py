@@ -90,6 +90,15 @@ def autocast_dtype(device: torch.device, cfg: dict) -> torch.dtype | None:
     return None
 
 
+NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def norm_parameter_ids(*modules: torch.nn.Module) -> set[int]:
+    """``id()`` of every parameter of a BatchNorm/GroupNorm/LayerNorm module inside ``modules``."""
+    return {id(p) for module in modules for m in module.modules() if isinstance(m, NORM_LAYERS)
+            for p in m.parameters(recurse=False)}
+
+
 class Trainer:
     """Holds everything one run needs; ``run()`` trains to ``train.max_iter``."""
 
@@ -123,19 +132,30 @@ class Trainer:
         self.start_iter = 0
 
     def _param_groups(self) -> list[dict]:
-        """Weight decay everywhere except where the backbone's recipe excludes it (Swin's norms/tables)."""
+        """Weight decay everywhere except where the recipe excludes it.
+
+        Swin's norms/tables get none (its recipe); with ``train.norm_weight_decay``
+        set (``null``: same as ``weight_decay``), the parameters of every
+        BatchNorm/GroupNorm/LayerNorm module get that decay instead (mmdet's
+        ``norm_decay_mult``; BoxLevelSet's configs: 0).
+        """
         no_decay: set[str] = set()
         if self.params["model"]["backbone"] == "swin_b":
             from sim_core.model.swin import no_weight_decay_names
 
             no_decay = {f"backbone.{name}" for name in no_weight_decay_names(self.model.backbone)}
+        norm_decay = self.cfg.get("norm_weight_decay")
+        norms = norm_parameter_ids(self.model, self.mask_loss) if norm_decay is not None else set()
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        decay = [p for n, p in named if n not in no_decay]
-        decay += [p for p in self.mask_loss.parameters() if p.requires_grad]
+        named += [(f"mask_loss.{n}", p) for n, p in self.mask_loss.named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if n not in no_decay and id(p) not in norms]
         groups = [{"params": decay}]
         exempt = [p for n, p in named if n in no_decay]
         if exempt:
             groups.append({"params": exempt, "weight_decay": 0.0})
+        normed = [p for n, p in named if n not in no_decay and id(p) in norms]
+        if normed:
+            groups.append({"params": normed, "weight_decay": float(norm_decay)})
         return groups
 
     # -- checkpoints -------------------------------------------------------

@@ -12,12 +12,14 @@ mask branch reads when ``model.mask_feat_stride`` is 4 (the CPU demo).
   useless, so BN keeps the (pretrained) statistics and affine parameters fixed.
   ``freeze_at`` follows detectron2: 0 trains everything, 1 freezes the stem,
   2 the stem and ``layer1`` (res2, the default), ... 5 everything.
-  ``pretrained`` names a local state-dict file (torchvision's ImageNet
-  ``resnet50-*.pth`` layout; ``fc.*`` is ignored) loaded with
-  ``torch.load(weights_only=True)`` by ``sim_core.model.pretrained``, which
-  checks every key and shape and names the file in its error. Input is RGB normalised with the ImageNet
-  mean/std, which is what torchvision's weights expect (AdelaiDet's MSRA
-  weights use BGR; that is a difference of weight files, not of the method).
+  ``model.pretrained`` is ``imagenet`` (torchvision's IMAGENET1K_V1 file from
+  the torch hub cache, downloaded with a hash check on first use), ``none``,
+  or a local file: a torchvision-layout state dict (``fc.*`` is ignored) or
+  detectron2's MSRA ``R-50.pkl`` / ``R-101.pkl``; ``sim_core.model.pretrained``
+  checks every key and shape and names the file in its error. Input is RGB
+  normalised with the ImageNet mean/std, which is what torchvision's weights
+  expect; for an MSRA pickle the stride moves to the 1x1 convs and MSRA's
+  BGR, std-1 input is folded into ``conv1`` (``sim_core.model.msra_weights``).
 * ``resnet_tiny``: a narrow ResNet (one BasicBlock per stage, widths
   16/32/64/128 by default, GroupNorm) for the CPU demo. GroupNorm instead of
   BN because the demo trains from scratch with small batches, and because the
@@ -35,9 +37,10 @@ from torchvision.models import resnet50, resnet101
 from torchvision.ops import FrozenBatchNorm2d
 
 from sim_core.errors import InputError
-from sim_core.model.pretrained import load_pretrained
+from sim_core.model.pretrained import load_backbone_weights
 
 BACKBONES = ("resnet50", "resnet101", "resnet_tiny", "swin_b", "resnet101_dcn")
+RESNET_BUILDERS = {50: resnet50, 101: resnet101}  # depth -> torchvision builder (tests add small ones)
 
 
 class TorchvisionResNet(nn.Module):
@@ -47,17 +50,16 @@ class TorchvisionResNet(nn.Module):
     torchvision's ImageNet files load as they are.
     """
 
-    def __init__(self, depth: int, freeze_at: int = 2, pretrained: str | None = None):
+    def __init__(self, depth: int, freeze_at: int = 2, pretrained: str | None = "none"):
         super().__init__()
         if not 0 <= freeze_at <= 5:
             raise InputError("model.freeze_at", f"must be an integer in 0..5, got {freeze_at!r}")
-        builder = {50: resnet50, 101: resnet101}[depth]
-        net = builder(weights=None, norm_layer=FrozenBatchNorm2d)
+        net = RESNET_BUILDERS[depth](weights=None, norm_layer=FrozenBatchNorm2d)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.out_channels = {"c2": 256, "c3": 512, "c4": 1024, "c5": 2048}
-        if pretrained:
-            load_pretrained(self, pretrained, f"resnet{depth}")
+        self.out_channels = {"c2": net.layer1[-1].expansion * 64, "c3": net.layer2[-1].expansion * 128,
+                             "c4": net.layer3[-1].expansion * 256, "c5": net.layer4[-1].expansion * 512}
+        load_backbone_weights(self, {"backbone": f"resnet{depth}", "pretrained": pretrained}, f"resnet{depth}")
         self.freeze(freeze_at)
 
     def freeze(self, freeze_at: int) -> None:
@@ -141,10 +143,13 @@ def build_backbone(cfg: dict[str, Any]) -> nn.Module:
     """Build the backbone named by ``cfg["backbone"]`` (see the module docstring)."""
     name = cfg.get("backbone", "resnet50")
     if name in ("resnet50", "resnet101"):
-        return TorchvisionResNet(int(name[len("resnet"):]), int(cfg.get("freeze_at", 2)), cfg.get("pretrained"))
+        return TorchvisionResNet(int(name[len("resnet"):]), int(cfg.get("freeze_at", 2)),
+                                 cfg.get("pretrained", "none"))
     elif name == "resnet_tiny":
-        return TinyResNet(list(cfg.get("tiny_widths", [16, 32, 64, 128])),
+        tiny = TinyResNet(list(cfg.get("tiny_widths", [16, 32, 64, 128])),
                           list(cfg.get("tiny_blocks", [1, 1, 1, 1])), cfg.get("tiny_norm", "GN"))
+        load_backbone_weights(tiny, {"pretrained": "none", **cfg, "backbone": name}, name)
+        return tiny
     elif name == "swin_b":
         from sim_core.model.swin import build_swin_b
         return build_swin_b(cfg)

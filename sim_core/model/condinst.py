@@ -11,7 +11,8 @@ smaller CPU model the unit tests use):
 key                       paper default       demo            meaning
 ========================  ==================  ==============  ==================================================
 backbone                  resnet50            resnet_tiny     resnet50 | resnet101 | resnet_tiny | swin_b | resnet101_dcn
-pretrained                null                null            local state-dict file for the backbone
+pretrained                none (profiles:     none            imagenet | none | weights file (state dict or
+                          imagenet)                           detectron2 .pkl); null is an error (sim_core/model/pretrained.py)
 freeze_at                 2                   0               ResNet stages frozen (detectron2: 2 = stem + res2)
 tiny_widths               [16, 32, 64, 128]   [32,64,128,256] resnet_tiny stage widths (strides 4/8/16/32)
 tiny_blocks               [1, 1, 1, 1]        [1, 1, 1, 1]    resnet_tiny BasicBlocks per stage
@@ -40,6 +41,8 @@ score_thresh              0.05                0.05            inference: minimum
 nms_thresh                0.6                 0.6             inference: class-aware NMS IoU
 max_detections            100                 100             inference: detections kept per image
 pre_nms_topk              1000                1000            inference: candidates per level before NMS
+thresh_with_ctr           false (BoxInst      true            inference: threshold cls * centerness, not cls
+                          profiles: true)                     (AdelaiDet's MODEL.FCOS.THRESH_WITH_CTR)
 ========================  ==================  ==============  ==================================================
 
 Mask stride is 4 and the mask branch stride 8, as CondInst; the demo runs the
@@ -64,7 +67,7 @@ from sim_core.model.neck import build_neck, check_fpn_levels
 from sim_core.model.postprocess import paste_masks, select_detections
 
 DEFAULT_MODEL_CFG: dict[str, Any] = {
-    "backbone": "resnet50", "pretrained": None, "freeze_at": 2,
+    "backbone": "resnet50", "pretrained": "none", "freeze_at": 2,
     "tiny_widths": [16, 32, 64, 128], "tiny_blocks": [1, 1, 1, 1], "tiny_norm": "GN",
     "neck": "fpn", "fpn_channels": 256, "fpn_levels": [3, 4, 5, 6, 7],
     "head_convs": 4, "head_norm": "GN", "gn_groups": 32, "prior_prob": 0.01, "box_activation": "relu",
@@ -74,6 +77,7 @@ DEFAULT_MODEL_CFG: dict[str, Any] = {
     "dyn_channels": 8, "dyn_layers": 3, "topk_masks_per_image": 64,
     "focal_alpha": 0.25, "focal_gamma": 2.0,
     "score_thresh": 0.05, "nms_thresh": 0.6, "max_detections": 100, "pre_nms_topk": 1000,
+    "thresh_with_ctr": False,
 }
 DEMO_MODEL_CFG: dict[str, Any] = {
     **DEFAULT_MODEL_CFG,
@@ -316,6 +320,7 @@ class CondInst(nn.Module):
             "nms_thresh": cfg["nms_thresh"] if nms_thresh is None else nms_thresh,
             "max_detections": cfg["max_detections"] if max_detections is None else max_detections,
             "pre_nms_topk": cfg["pre_nms_topk"] if pre_nms_topk is None else pre_nms_topk,
+            "thresh_with_ctr": bool(cfg["thresh_with_ctr"]),
         }
         was_training = self.training
         self.eval()

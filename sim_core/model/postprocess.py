@@ -1,9 +1,13 @@
 """Inference post-processing of the detector (as CondInst/FCOS in AdelaiDet).
 
-Per image and per FPN level, locations whose best class probability passes
-``score_thresh`` are candidates (every passing (location, class) pair is a
-candidate); at most ``pre_nms_topk`` of them per level are kept, ranked by
-``cls * centerness``. Their score is ``sqrt(cls * centerness)``, boxes are
+Per image and per FPN level, every (location, class) pair whose class
+probability passes ``score_thresh`` is a candidate; with ``thresh_with_ctr``
+(AdelaiDet's ``MODEL.FCOS.THRESH_WITH_CTR``, true in every BoxInst config) the
+threshold applies to ``cls * centerness`` instead. At most ``pre_nms_topk``
+candidates per level are kept, ranked by ``cls * centerness``. Their score is
+``sqrt(cls * centerness)``. This is the order of AdelaiDet's
+``FCOSOutputs.forward_for_single_feature_map``: threshold, top-k, square root
+(``boxlist.scores = torch.sqrt(per_box_cls)``). Boxes are
 decoded, clipped to the image and empty ones dropped, class-aware NMS
 (``torchvision.ops.batched_nms``) runs at ``nms_thresh`` and the
 ``max_detections`` best survive. Instance masks are then computed only for
@@ -23,7 +27,7 @@ from sim_core.model.mask_head import aligned_bilinear
 def select_detections(cls_logits: Tensor, box_reg: Tensor, centerness: Tensor, locations: Tensor,
                       levels: Tensor, image_size: tuple[int, int], score_thresh: float = 0.05,
                       nms_thresh: float = 0.6, max_detections: int = 100,
-                      pre_nms_topk: int = 1000) -> dict[str, Tensor]:
+                      pre_nms_topk: int = 1000, thresh_with_ctr: bool = False) -> dict[str, Tensor]:
     """Detections of one image from its flattened outputs ``[N, C]``, ``[N, 4]``, ``[N]``.
 
     Returns ``loc_inds`` (the location each detection came from, needed to run
@@ -36,11 +40,12 @@ def select_detections(cls_logits: Tensor, box_reg: Tensor, centerness: Tensor, l
     for level in torch.unique(levels).tolist():
         in_level = torch.nonzero(levels == level).squeeze(1)
         p = probs[in_level]
-        cand = torch.nonzero(p > score_thresh)  # [K, 2] (row in level, class)
+        scored = p * ctr[in_level, None]  # cls * centerness, what candidates are ranked (and scored) by
+        cand = torch.nonzero((scored if thresh_with_ctr else p) > score_thresh)  # [K, 2] (row in level, class)
         if cand.numel() == 0:
             continue
         loc = in_level[cand[:, 0]]
-        ranked = p[cand[:, 0], cand[:, 1]] * ctr[loc]
+        ranked = scored[cand[:, 0], cand[:, 1]]
         if ranked.numel() > pre_nms_topk:
             ranked, top = ranked.topk(pre_nms_topk)
             loc, cand = loc[top], cand[top]

@@ -1,8 +1,30 @@
-"""Load ImageNet weights from a local file into a backbone, or say exactly why not.
+"""Backbone initialisation: ``model.pretrained`` resolved, fetched, checked and loaded.
 
-simbench never downloads weights: the user names a file (``model.pretrained:
-PATH``) and :func:`load_pretrained` loads it with
-``torch.load(weights_only=True)``, so a checkpoint cannot run code.
+``model.pretrained`` takes one of
+
+* ``imagenet``: torchvision's ImageNet weights for the configured backbone
+  (:data:`IMAGENET_WEIGHTS`: ``resnet50`` -> ``ResNet50_Weights.IMAGENET1K_V1``,
+  ``resnet101`` and ``resnet101_dcn`` -> ``ResNet101_Weights.IMAGENET1K_V1``
+  (the DCN offset convs keep their zero init), ``swin_b`` ->
+  ``Swin_B_Weights.IMAGENET1K_V1``; ``resnet_tiny`` has none and asking for them
+  is an error). The file lives in torch hub's cache
+  (``$TORCH_HOME/hub/checkpoints/``, ``~/.cache/torch/hub/checkpoints/`` by
+  default); on first use it is downloaded there with torch hub's hash check
+  (the hash prefix in torchvision's file name), with a short network timeout.
+  When it is neither cached nor downloadable, :func:`prepare_weights` raises an
+  ``InputError`` (exit 2) naming the file, the URL and the exact cache path to
+  put it at. ``simbench train`` and ``simbench repro`` call it before any work.
+* a torchvision weights enum name (``ResNet50_Weights.IMAGENET1K_V2``): the
+  same, for that file;
+* ``none``: random initialisation (the demo's ``resnet_tiny``);
+* a local file: a PyTorch state dict, read with ``torch.load(weights_only=True)``
+  so a checkpoint cannot run code, or detectron2's MSRA pickle (``R-50.pkl``,
+  ``R-101.pkl``; see :mod:`sim_core.model.msra_weights`: a restricted unpickler,
+  conversion to torchvision's layout, stride in the 1x1 conv and MSRA's input
+  normalisation reproduced).
+
+``null`` is an input error: a paper-scale run from random weights must be asked
+for (``none``), never fall out of a missing value.
 
 Why a loader of its own instead of ``load_state_dict(strict=False)``: a
 non-strict load silently accepts a ResNet-50 file for a ResNet-101 (the missing
@@ -26,9 +48,16 @@ copied:
 * anything else missing, unexpected or of the wrong shape raises
   :class:`~sim_core.errors.InputError` naming the file, the architecture and the
   first offending keys and shapes.
+
+``run.json`` records the weights' name (enum name or path) and the file's
+sha256 (:func:`weights_record`).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import socket
 from collections import Counter
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -67,11 +96,20 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
 
+def is_msra_pickle(path: str | Path) -> bool:
+    """detectron2 / MSRA weights come as ``.pkl`` pickles (caffe-style ResNets)."""
+    return Path(path).suffix.lower() == ".pkl"
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensor dictionary stored in ``path`` (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise InputError("model.pretrained", f"weights file does not exist: {path}")
+    if is_msra_pickle(path):
+        from sim_core.model.msra_weights import read_msra_state_dict
+
+        return read_msra_state_dict(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refusals, truncated or non-torch files
@@ -159,3 +197,159 @@ def load_pretrained(module: nn.Module, path: str | Path, arch_name: str, *,
         kept_initial=tuple(k for k in own if k not in stripped),
         ignored=tuple(sorted(k for k in stripped if k not in own)),
     )
+
+
+# ----------------------------------------------------------------- model.pretrained
+# torchvision's ImageNet weights per backbone (``imagenet``); resnet_tiny has none.
+IMAGENET_WEIGHTS = {
+    "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
+    "resnet101": "ResNet101_Weights.IMAGENET1K_V1",
+    "resnet101_dcn": "ResNet101_Weights.IMAGENET1K_V1",
+    "swin_b": "Swin_B_Weights.IMAGENET1K_V1",
+}
+DOWNLOAD_TIMEOUT = 15.0  # seconds without an answer before a download attempt gives up
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """What ``model.pretrained`` asks for: ``kind`` is ``none``, ``torchvision`` or ``file``."""
+
+    kind: str
+    name: str                # "none", the torchvision enum name, or the file path as written
+    url: str | None = None   # torchvision weights only
+
+    @property
+    def cache_path(self) -> Path | None:
+        """Where torch hub keeps (or will keep) a torchvision file."""
+        if self.url is None:
+            return None
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.url)
+
+    @property
+    def path(self) -> Path | None:
+        """The local file the weights are read from (``None`` for random init)."""
+        return Path(self.name) if self.kind == "file" else self.cache_path
+
+
+def resolve_weights(model_cfg: Mapping[str, Any]) -> WeightsSpec:
+    """``model.pretrained`` of a ``model`` params section as a :class:`WeightsSpec` (no file access)."""
+    backbone = model_cfg.get("backbone", "resnet50")
+    value = model_cfg.get("pretrained", "none")
+    if value is None:
+        raise InputError("model.pretrained", "is null; write 'imagenet' (torchvision's ImageNet weights for the "
+                         "backbone), 'none' (random initialisation) or the path of a weights file")
+    if not isinstance(value, str) or not value.strip():
+        raise InputError("model.pretrained", f"must be 'imagenet', 'none' or a file path, got {value!r}")
+    value = value.strip()
+    if value.lower() == "none":
+        return WeightsSpec("none", "none")
+    if value.lower() == "imagenet":
+        if backbone not in IMAGENET_WEIGHTS:
+            raise InputError("model.pretrained", f"backbone '{backbone}' has no ImageNet weights; write "
+                             "'none' (random initialisation) or the path of a weights file")
+        value = IMAGENET_WEIGHTS[backbone]
+    if "_Weights." in value and not Path(value).exists():
+        from torchvision.models import get_weight
+
+        try:
+            url = get_weight(value).url
+        except (ValueError, KeyError, AttributeError):
+            raise InputError("model.pretrained", f"unknown torchvision weights '{value}'") from None
+        return WeightsSpec("torchvision", value, url)
+    return WeightsSpec("file", value)
+
+
+def _download(url: str, dst: Path) -> None:
+    """torch hub's download with its hash check (the hex prefix in the file name); tests replace this."""
+    match = torch.hub.HASH_REGEX.search(os.path.basename(url))
+    torch.hub.download_url_to_file(url, str(dst), hash_prefix=match.group(1) if match else None, progress=False)
+
+
+def prepare_weights(model_cfg: Mapping[str, Any], download: bool = True) -> WeightsSpec:
+    """Make sure the weights ``model.pretrained`` names are on this machine, before any work.
+
+    A torchvision file missing from the cache is downloaded (short timeout);
+    when that fails, or ``download`` is false, an ``InputError`` names the
+    file, its URL and the exact path to put it at. A local file must exist.
+    """
+    spec = resolve_weights(model_cfg)
+    if spec.kind == "file":
+        if not Path(spec.name).is_file():
+            raise InputError("model.pretrained", f"weights file does not exist: {spec.name}")
+        return spec
+    if spec.kind != "torchvision":
+        return spec
+    dst = spec.cache_path
+    assert dst is not None and spec.url is not None
+    if dst.is_file():
+        return spec
+    reason = "downloads are off"
+    if download:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+        try:
+            _download(spec.url, dst)
+            return spec
+        except Exception as exc:  # offline, DNS, HTTP errors, hash mismatch
+            reason = f"download failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        finally:
+            socket.setdefaulttimeout(previous)
+    raise InputError("model.pretrained", f"ImageNet weights {spec.name} ({dst.name}) are not in the torch hub "
+                     f"cache and cannot be fetched ({reason}); download {spec.url} and put it at {dst} "
+                     "(or set model.pretrained to a local file or 'none')")
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file (cached per path, size and modification time)."""
+    st = os.stat(path)
+    return _sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+def weights_record(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """For ``run.json``: the weights' name (enum name or path), file and sha256 (``None`` without a file)."""
+    try:
+        spec = resolve_weights(model_cfg)
+    except InputError as exc:
+        return {"name": str(model_cfg.get("pretrained")), "error": str(exc)}
+    path = spec.path
+    exists = path is not None and path.is_file()
+    return {"name": spec.name, "file": str(path) if path is not None else None,
+            "sha256": file_sha256(path) if exists else None}
+
+
+def load_backbone_weights(module: nn.Module, model_cfg: Mapping[str, Any], arch_name: str) -> LoadReport | None:
+    """Initialise ``module`` as ``model.pretrained`` says; ``None`` for ``none``.
+
+    torchvision files are checked against the hash prefix in their name (a
+    truncated or replaced cache file is refused, naming it). A detectron2 ``.pkl``
+    also gets MSRA's conventions (:func:`~sim_core.model.msra_weights.apply_msra_conventions`).
+    """
+    spec = prepare_weights(model_cfg)
+    if spec.kind == "none":
+        return None
+    path = spec.path
+    assert path is not None
+    if spec.kind == "torchvision":
+        match = torch.hub.HASH_REGEX.search(path.name)
+        if match and not file_sha256(path).startswith(match.group(1)):
+            raise InputError("model.pretrained", f"{path} does not match the hash in its name ({match.group(1)}); "
+                             f"delete it and run again to download {spec.url} afresh")
+    report = load_pretrained(module, path, arch_name)
+    if is_msra_pickle(path):
+        if not hasattr(module, "layer4"):
+            raise InputError("model.pretrained", f"{path}: detectron2 / MSRA pickles hold ResNets; "
+                             f"backbone {arch_name} cannot use them")
+        from sim_core.model.msra_weights import apply_msra_conventions
+
+        apply_msra_conventions(module)
+    return report

@@ -35,7 +35,8 @@ Structure and names are torchvision's ``resnet101`` (``conv1``, ``bn1``,
 torchvision's ImageNet files (``resnet101-63fe2227.pth`` = IMAGENET1K_V1 or
 ``resnet101-cd907fc2.pth`` = IMAGENET1K_V2) load; the offset convs are the only
 keys the file lacks. AdelaiDet starts from MSRA's caffe R-101 (stride in the
-1x1 conv, BGR input); that file is a detectron2 pickle, not a state dict.
+1x1 conv, BGR input); that detectron2 pickle loads too, with its conventions
+reproduced (``sim_core.model.msra_weights``).
 Batch norm is ``FrozenBatchNorm2d`` (detectron2's default ``FrozenBN``).
 
 Params (``model`` section):
@@ -44,7 +45,8 @@ Params (``model`` section):
     dcn_modulated: true       DCN v2 (true, AdelaiDet's config) or v1 (false)
     freeze_at: 2              detectron2's FREEZE_AT: 0 trains all, 1 freezes the
                               stem, 2 the stem and res2 (default), ... 5 everything
-    pretrained: null          path of a local torchvision-layout ImageNet state dict
+    pretrained: imagenet      torchvision's ResNet-101 IMAGENET1K_V1 (offset convs keep their init),
+                              'none', or a local file (torchvision state dict or MSRA R-101.pkl)
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ from torchvision.ops import DeformConv2d, deform_conv2d
 
 from sim_core.errors import InputError
 from sim_core.model.backbone import TorchvisionResNet
-from sim_core.model.pretrained import load_pretrained
+from sim_core.model.pretrained import load_backbone_weights
 
 DCN_LAYERS = ("layer2", "layer3", "layer4")  # res3, res4, res5
 KERNEL_TAPS = 9  # 3 x 3
@@ -121,6 +123,5 @@ def build_resnet_dcn(cfg: dict[str, Any]) -> ResNetDCN:
     if isinstance(interval, bool) or not isinstance(interval, int):
         raise InputError("model.dcn_interval", f"must be an integer >= 1, got {interval!r}")
     model = ResNetDCN(interval, bool(cfg.get("dcn_modulated", True)), int(cfg.get("freeze_at", 2)))
-    if cfg.get("pretrained"):
-        load_pretrained(model, cfg["pretrained"], "resnet101_dcn")
+    load_backbone_weights(model, {"pretrained": "none", **cfg, "backbone": "resnet101_dcn"}, "resnet101_dcn")
     return model

@@ -37,7 +37,7 @@ Params (``model`` section):
                           freezes the patch embedding and the first k-1 stages,
                           each with the merging layer after it (the official Swin's
                           frozen_stages = k-1), like detectron2's freeze_at
-    pretrained: null      path of a local ImageNet state dict in torchvision's layout
+    pretrained: imagenet  torchvision's Swin_B_Weights.IMAGENET1K_V1, 'none', or a local state dict
 
 Optimiser (set in the profile, applied by the engine): AdamW, lr 1e-4,
 betas (0.9, 0.999), weight decay 0.05, no weight decay on LayerNorm parameters
@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from torchvision.models.swin_transformer import SwinTransformer
 
 from sim_core.errors import InputError
-from sim_core.model.pretrained import load_pretrained
+from sim_core.model.pretrained import load_backbone_weights
 
 # torchvision.models.swin_b's architecture; built through the class so that the
 # stochastic-depth rate (hard-coded to 0.5 in swin_b) can follow the detection recipe.
@@ -121,6 +121,5 @@ def no_weight_decay_names(module: nn.Module) -> set[str]:
 def build_swin_b(cfg: dict[str, Any]) -> SwinBackbone:
     """Swin-B backbone from the params ``model`` section (keys in the module docstring)."""
     model = SwinBackbone(float(cfg.get("swin_drop_path", 0.3)), int(cfg.get("freeze_at", 0)))
-    if cfg.get("pretrained"):
-        load_pretrained(model, cfg["pretrained"], "swin_b")
+    load_backbone_weights(model, {"pretrained": "none", **cfg, "backbone": "swin_b"}, "swin_b")
     return model
