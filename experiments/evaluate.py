@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default=None, help="run name: predict on val, then evaluate")
     parser.add_argument("--gt", default=None, help="ground-truth COCO json")
     parser.add_argument("--results", default=None, help="COCO results json (segm or bbox)")
-    parser.add_argument("--iou", default="segm,bbox", help="iou types, comma separated (default segm,bbox)")
+    parser.add_argument("--iou", default=None, help="with --gt: iou types, comma separated (default segm,bbox)")
     parser.add_argument("--voc", action="store_true", help="also report AP25/AP50/AP70/AP75 (PASCAL VOC style)")
     parser.add_argument("--backend", default=None, choices=["pycocotools", "faster"],
                         help="COCO evaluation backend (default: params evaluate.backend, else pycocotools)")
@@ -70,17 +70,35 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def main(args: argparse.Namespace) -> int:
+def check_options(args: argparse.Namespace) -> None:
+    """The two modes take different options; a mix, or half of a pair, is refused before any work."""
     from sim_core.errors import InputError
 
     if args.run:
+        extra = [name for name, value in (("--gt", args.gt), ("--results", args.results), ("--iou", args.iou))
+                 if value is not None]
+        if extra:
+            raise InputError("evaluate", f"{extra[0]} belongs to --gt/--results mode; --run NAME predicts on the "
+                                         "prepared val split and scores segm and bbox (give one mode)")
+        return
+    if not (args.gt and args.results):
+        given = "--gt without --results" if args.gt else "--results without --gt" if args.results else "no inputs"
+        raise InputError("evaluate", f"{given}: give --run NAME, or both --gt GT.json and --results RESULTS.json")
+    for name, value in (("--run-dir", args.run_dir), ("--set", args.overrides or None)):
+        if value is not None:
+            raise InputError("evaluate", f"{name} applies to --run NAME only; --gt/--results reads no params")
+
+
+def main(args: argparse.Namespace) -> int:
+    from sim_core.errors import InputError
+
+    check_options(args)
+    if args.run:
         metrics = evaluate_run(args)
     else:
-        if not (args.gt and args.results):
-            raise InputError("evaluate", "give --run NAME, or both --gt GT.json and --results RESULTS.json")
         from sim_core.evaluation.coco_eval import evaluate_files
 
-        iou_types = tuple(t.strip() for t in args.iou.split(",") if t.strip())
+        iou_types = tuple(t.strip() for t in (args.iou or "segm,bbox").split(",") if t.strip())
         metrics = evaluate_files(Path(args.gt), Path(args.results), iou_types, args.backend or "pycocotools",
                                  Path(args.out) if args.out else None, voc=args.voc)
     _print_table(metrics)

@@ -50,6 +50,7 @@ def synthetic_config(args: argparse.Namespace) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     from sim_core.data import prepare as prep
+    from sim_core.errors import InputError
 
     out = Path(args.out)
     if args.kind == "synthetic":
@@ -65,7 +66,13 @@ def main(args: argparse.Namespace) -> int:
     elif args.kind == "voc":
         from sim_core.data import voc
 
-        if args.train_json or args.val_json:
+        if bool(args.train_json) != bool(args.val_json):
+            raise InputError("prepare voc", "--train-json and --val-json go together (the ready-made COCO-style "
+                                            f"jsons of both splits); got only {'--train-json' if args.train_json else '--val-json'}")
+        if args.train_json and args.sbd:
+            raise InputError("prepare voc", "give either --sbd (convert SBD) or --train-json/--val-json "
+                                            "(ready-made jsons), not both")
+        if args.train_json:
             summary = voc.prepare_voc_cocostyle(out, Path(args.voc), Path(args.train_json), Path(args.val_json))
         else:
             summary = voc.prepare_voc(out, Path(args.voc), Path(args.sbd) if args.sbd else None)

@@ -53,7 +53,10 @@ from typing import Any
 
 from reports import bootstrap, latex, plots, qualitative, tables
 from reports.tables import Row, RunResult, Setting
+from sim_core.data.validate import check_results, load_gt, read_json
 from sim_core.errors import InputError
+from sim_core.evaluation.coco_eval import make_gt_api
+from sim_core.evaluation.results import normalise_results
 from sim_core.io_utils import atomic_directory, atomic_write_json, atomic_write_text
 
 METHOD_ORDER = ("mask", "boxmask", "boxinst", "boxlevelset", "sim")
@@ -223,12 +226,7 @@ class _Report:
                 self.notes.append(f"run {latex.latex_escape(run.name)}: no segm.json, left out of the bootstrap.")
                 self._evals[run.name] = None
             else:
-                try:
-                    results = json.loads(path.read_text(encoding="utf-8"))
-                except json.JSONDecodeError as exc:
-                    raise InputError(path, f"not valid json ({exc.msg})", record=run.name) from exc
-                if not isinstance(results, list):
-                    raise InputError(path, "a COCO results file is a json list", record=run.name)
+                results = _checked_segm(path, gt)
                 self._evals[run.name] = bootstrap.evaluate_per_image(gt, results, where=str(path))
         return self._evals[run.name]
 
@@ -264,7 +262,7 @@ class _Report:
                 del grouped[name]
         boot, gt = {}, None
         if gt_path.exists():
-            gt = bootstrap.load_gt(gt_path)
+            gt = make_gt_api(load_gt(gt_path).to_dict(), "pycocotools")  # checked by the one gate first
             for name, rows in grouped.items():
                 boot[name] = self.bootstrap_rows(rows, gt)
         else:
@@ -333,7 +331,7 @@ class _Report:
         for method in c["qualitative_methods"]:
             row = next((r for r in rows if r.method == method), None)
             runs = [r for r in (row.present if row else []) if (self.runs_dir / r.name / "segm.json").exists()]
-            results = json.loads((self.runs_dir / runs[0].name / "segm.json").read_text()) if runs else None
+            results = _checked_segm(self.runs_dir / runs[0].name / "segm.json", gt) if runs else None
             columns.append((METHOD_NAMES.get(method, method), results))
         if all(res is None for _, res in columns):
             return None
@@ -343,6 +341,13 @@ class _Report:
                                              c["qualitative_score_thresh"], c["qualitative_max_dets"])
         return self.figure(paths, f"The same validation images for every method (first seed): GT boxes, then "
                                   f"masks with score $\\geq$ {c['qualitative_score_thresh']}.", 1.0)
+
+
+def _checked_segm(path: Path, gt) -> list[dict]:
+    """A run's segm.json, checked by the one gate against the ground truth, as compressed RLE records."""
+    results = read_json(path, "results")
+    check_results(results, gt.dataset, path, "segm")
+    return normalise_results(results, "segm")
 
 
 def _panel(title: str, rows: list[Row], paper: tables.PaperNumbers) -> plots.AblationPanel:

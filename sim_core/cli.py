@@ -34,11 +34,17 @@ HELP = {
 }
 
 
+def one_line(text: str, limit: int = 2000) -> str:
+    """``text`` on one line (every line break ``str.splitlines`` knows joined with a space), cut to ``limit``."""
+    text = " ".join(str(text).splitlines())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line on stderr with exit code 2 (like every bad input)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.stderr.write(one_line(f"{self.prog}: error: {message} (see --help)") + "\n")
         raise SystemExit(2)
 
 
@@ -59,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._module.main(args) or 0)
     except InputError as exc:
-        sys.stderr.write(f"simbench: error: {exc}\n")
+        sys.stderr.write(one_line(f"simbench: error: {exc}") + "\n")
         return 2
     except NonFiniteLossError as exc:
-        sys.stderr.write(f"simbench: error: {exc}\n")
+        sys.stderr.write(one_line(f"simbench: error: {exc}") + "\n")
         return 3
     except KeyboardInterrupt:
         sys.stderr.write("simbench: interrupted\n")

@@ -9,7 +9,8 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from sim_core.data.coco import _compressed_counts, load_coco
+from sim_core.data.coco import load_coco
+from sim_core.data.validate import rle_counts as _compressed_counts
 from sim_core.data.dataset import CocoDetectionDataset, collate
 from sim_core.data.images import image_size, read_image_rgb
 from sim_core.data.prepare import prepare_custom
@@ -141,27 +142,27 @@ def _delete(key):
 
 REJECTIONS = {
     "missing_key": (_delete("annotations"), None, "missing top-level key(s): annotations"),
-    "duplicate_image_id": (_image(1, id=1), "image id 1", "duplicate image id"),
-    "duplicate_ann_id": (_ann(1, id=101), "annotation id 101", "duplicate annotation id"),
-    "unknown_image": (_ann(0, image_id=999), "annotation id 101", "image_id 999 is not in 'images'"),
-    "unknown_category": (_ann(0, category_id=4), "annotation id 101", "category_id 4 is not in 'categories'"),
-    "negative_box": (_ann(0, bbox=[4, 4, -3, 8]), "annotation id 101", "negative width or height"),
-    "short_box": (_ann(0, bbox=[4, 4, 3]), "annotation id 101", "bbox must be [x, y, width, height]"),
+    "duplicate_image_id": (_image(1, id=1), "images[1] (id 1)", "duplicate image id"),
+    "duplicate_ann_id": (_ann(1, id=101), "annotations[1] (id 101)", "duplicate annotation id"),
+    "unknown_image": (_ann(0, image_id=999), "annotations[0] (id 101)", "image_id 999 is not in 'images'"),
+    "unknown_category": (_ann(0, category_id=4), "annotations[0] (id 101)", "category_id 4 is not in 'categories'"),
+    "negative_box": (_ann(0, bbox=[4, 4, -3, 8]), "annotations[0] (id 101)", "negative width or height"),
+    "short_box": (_ann(0, bbox=[4, 4, 3]), "annotations[0] (id 101)", "bbox must be [x, y, width, height]"),
     "missing_image": (_image(1, file_name="nope.png"), "image id 2 (nope.png)", "nope.png does not exist"),
     "size_mismatch": (_image(2, width=41), "image id 5 (rgba.png)", "json says 41x30"),
     "exif_size": (_image(5, width=40, height=30), "image id 9 (rotated.jpg)", "is 30x40 after EXIF orientation"),
-    "odd_polygon": (_ann(0, segmentation=[[1, 2, 3, 4, 5, 6, 7]]), "annotation id 101", "even number"),
-    "text_polygon": (_ann(0, segmentation=[["a", 1, 2, 3, 4, 5]]), "annotation id 101", "flat list of numbers"),
-    "segm_string": (_ann(0, segmentation="abc"), "annotation id 101", "polygon list or an RLE dict"),
-    "rle_sum": (_set(["annotations", 3, "segmentation", "counts"], [5, 10]), "annotation id 104",
+    "odd_polygon": (_ann(0, segmentation=[[1, 2, 3, 4, 5, 6, 7]]), "annotations[0] (id 101)", "even number"),
+    "text_polygon": (_ann(0, segmentation=[["a", 1, 2, 3, 4, 5]]), "annotations[0] (id 101)", "flat list of finite numbers"),
+    "segm_string": (_ann(0, segmentation="abc"), "annotations[0] (id 101)", "polygon list or an RLE dict"),
+    "rle_sum": (_set(["annotations", 3, "segmentation", "counts"], [5, 10]), "annotations[3] (id 104)",
                 "RLE counts cover 15 pixels, the image has 1200"),
-    "rle_corrupt": (_set(["annotations", 1, "segmentation", "counts"], "\x01\x02"), "annotation id 102",
+    "rle_corrupt": (_set(["annotations", 1, "segmentation", "counts"], "\x01\x02"), "annotations[1] (id 102)",
                     "compressed RLE counts string is corrupt"),
-    "rle_size": (_set(["annotations", 3, "segmentation", "size"], [10, 10]), "annotation id 104",
+    "rle_size": (_set(["annotations", 3, "segmentation", "size"], [10, 10]), "annotations[3] (id 104)",
                  "RLE size [10, 10] differs"),
-    "bad_crowd": (_ann(0, iscrowd=2), "annotation id 101", "iscrowd must be 0 or 1"),
-    "no_file_name": (_image(0, file_name=""), "image id 1", "non-empty 'file_name'"),
-    "escaping_name": (_image(0, file_name="../x.jpg"), "image id 1 (../x.jpg)", "relative path inside"),
+    "bad_crowd": (_ann(0, iscrowd=2), "annotations[0] (id 101)", "iscrowd must be 0 or 1"),
+    "no_file_name": (_image(0, file_name=""), "images[0] (id 1)", "non-empty 'file_name'"),
+    "escaping_name": (_image(0, file_name="../x.jpg"), "images[0] (id 1, '../x.jpg')", "relative path inside"),
 }
 
 

@@ -292,8 +292,8 @@ BAD_RECORDS = [
     ("score text", lambda r: r.update(score="0.5"), "not a finite number"),
     ("rle size", lambda r: r["segmentation"].update(size=[80, 60]), "differs from the image"),
     ("rle counts type", lambda r: r["segmentation"].update(counts=12), "string or a list"),
-    ("rle counts text", lambda r: r["segmentation"].update(counts="not rle!"), "compressed COCO RLE"),
-    ("rle counts sum", lambda r: r["segmentation"].update(counts=[10, 5]), "sum to 15"),
+    ("rle counts text", lambda r: r["segmentation"].update(counts="not rle!"), "compressed RLE counts string is corrupt"),
+    ("rle counts sum", lambda r: r["segmentation"].update(counts=[10, 5]), "cover 15 pixels"),
     ("polygon", lambda r: r.update(segmentation=[[1, 1, 5, 1, 5, 5]]), "polygon"),
 ]
 

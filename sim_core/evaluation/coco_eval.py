@@ -145,7 +145,7 @@ def run_coco_eval(
         raise InputError("backend", f"expected one of {BACKENDS}, got {backend!r}")
     if isinstance(gt, (str, Path)):
         gt_where, gt = str(gt), load_json(gt, "ground truth")
-    check_gt_for_eval(gt, gt_where, iou_types)
+    gt = check_gt_for_eval(gt, gt_where, iou_types)  # the gate: nothing unchecked reaches the libraries
     thresholds, requested = _thresholds(iou_thrs)
 
     gt_api = make_gt_api(gt, backend)  # one copy per call: COCOeval writes into the annotations

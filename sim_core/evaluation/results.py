@@ -1,12 +1,11 @@
-"""COCO results files: loading, checking, normalising, and mask -> RLE.
+"""COCO results files: normalising, mask -> RLE, and the gate's checks re-exported.
 
-Why check before evaluating: pycocotools fails on bad results with bare
-``KeyError``/``AssertionError`` (or, for a malformed RLE string, reads out of
-bounds) and says nothing about which record is wrong. Results come from our
-own detector and from upstream code bases (AdelaiDet, mmdetection,
-BoxLevelSet), so every record is checked against the ground truth first and
-each problem raises :class:`InputError` naming the file, the record index
-with its image id, and the problem.
+Every results and ground-truth file is checked by the project's one gate,
+:mod:`sim_core.data.validate`, before pycocotools sees it (pycocotools fails
+on bad results with bare ``KeyError``/``AssertionError``, hangs or reads out
+of bounds on a malformed RLE string, and never says which record is wrong).
+``load_json``, ``check_results``, ``counts_text`` and ``gt_index`` are the
+gate's functions under the names the evaluation code has always used.
 
 Accepted segmentation encodings (all are what the upstream tools write):
 compressed RLE with ``counts`` as ``str``, as ``bytes`` (in-memory results),
@@ -18,38 +17,19 @@ them as results.
 """
 from __future__ import annotations
 
-import ast
-import json
-import math
-import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from sim_core.data.validate import IOU_TYPES, REQUIRED_KEYS, check_gt, check_results, counts_text
+from sim_core.data.validate import read_json as load_json
 from sim_core.errors import InputError
 
-IOU_TYPES = ("segm", "bbox")
-REQUIRED_KEYS = {
-    "segm": ("image_id", "category_id", "score", "segmentation"),
-    "bbox": ("image_id", "category_id", "score", "bbox"),
-}
-# Compressed COCO RLE uses the characters chr(48) .. chr(111) only.
-_RLE_TEXT = re.compile(r"[0-o]*")
-_BYTES_REPR = re.compile(r"^b(['\"]).*\1$", re.DOTALL)
-
-
-def load_json(path: str | Path, what: str) -> Any:
-    """Read a JSON file; a missing or unparsable file is an :class:`InputError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, f"{what} file not found")
-    try:
-        with path.open("r", encoding="utf-8") as handle:
-            return json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"{what} is not valid JSON ({exc})") from None
+__all__ = ["IOU_TYPES", "REQUIRED_KEYS", "check_gt_for_eval", "check_results", "compress_rle", "counts_text",
+           "encode_mask", "encode_masks", "fill_gt_defaults", "gt_index", "load_json", "mask_box",
+           "normalise_results"]
 
 
 def encode_mask(mask: np.ndarray) -> dict:
@@ -73,60 +53,21 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
             for r in mask_utils.encode(fortran)]
 
 
-def counts_text(counts: Any) -> Any:
-    """Return compressed counts as ``str`` (bytes and ``"b'...'"`` text decoded); lists pass through."""
-    if isinstance(counts, (bytes, bytearray)):
-        return bytes(counts).decode("ascii")
-    if isinstance(counts, str) and _BYTES_REPR.match(counts):
-        value = ast.literal_eval(counts)
-        if isinstance(value, bytes):
-            return value.decode("ascii")
-    return counts
-
-
 def gt_index(gt: dict, where: str | Path = "ground truth") -> tuple[dict[int, tuple[int, int]], set[int]]:
-    """Image sizes ``{image_id: (h, w)}`` and the category id set of a COCO ground truth."""
-    if not isinstance(gt, dict) or not isinstance(gt.get("images"), list) or not isinstance(gt.get("categories"), list):
+    """Image sizes ``{image_id: (h, w)}`` and the category ids of a COCO ground truth (checked by the gate)."""
+    if not isinstance(gt, dict):
         raise InputError(where, "ground truth must be a COCO dict with 'images' and 'categories' lists")
-    sizes: dict[int, tuple[int, int]] = {}
-    for i, img in enumerate(gt["images"]):
-        try:
-            sizes[int(img["id"])] = (int(img["height"]), int(img["width"]))
-        except (KeyError, TypeError, ValueError):
-            raise InputError(where, "image needs integer 'id', 'height' and 'width'", record=f"images[{i}]") from None
-    cats = set()
-    for i, cat in enumerate(gt["categories"]):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-            raise InputError(where, "category needs an integer 'id'", record=f"categories[{i}]")
-        cats.add(int(cat["id"]))
-    return sizes, cats
+    checked = check_gt({**gt, "annotations": []}, where)
+    return checked.sizes, checked.category_ids
 
 
-def check_gt_for_eval(gt: dict, where: str | Path, iou_types: Iterable[str]) -> None:
-    """Check the annotation fields COCOeval reads, so it cannot fail half-way with a KeyError.
+def check_gt_for_eval(gt: Any, where: str | Path, iou_types: Iterable[str]) -> dict:
+    """The gate's evaluation view of ``gt``: checked, degenerate polygon parts dropped (a new dict).
 
-    ``iscrowd`` and ``area`` may be missing: :func:`fill_gt_defaults` supplies
-    them as the dataset loader does (0, and the mask's pixel area).
+    A segmentation is required when "segm" is evaluated or ``area`` is missing
+    (:func:`fill_gt_defaults` computes it from the mask, as the loader does).
     """
-    sizes, cats = gt_index(gt, where)
-    anns = gt.get("annotations")
-    if not isinstance(anns, list):
-        raise InputError(where, "ground truth has no 'annotations' list")
-    keys = ["id", "image_id", "category_id", "bbox"]
-    if "segm" in iou_types or any(isinstance(a, dict) and "area" not in a for a in anns):
-        keys.append("segmentation")
-    for i, ann in enumerate(anns):
-        if not isinstance(ann, dict):
-            raise InputError(where, "annotation is not an object", record=f"annotations[{i}]")
-        record = f"annotations[{i}] (id {ann.get('id')})"
-        missing = [k for k in keys if k not in ann]
-        if missing:
-            raise InputError(where, f"annotation lacks {', '.join(missing)} (needed by COCO evaluation)", record=record)
-        if ann["image_id"] not in sizes:
-            raise InputError(where, f"image_id {ann['image_id']} is not in 'images'", record=record)
-        if ann["category_id"] not in cats:
-            raise InputError(where, f"category_id {ann['category_id']} is not in 'categories'", record=record)
-        _check_bbox(where, record, ann["bbox"])
+    return check_gt(gt, where, purpose="evaluate", require_segmentation="segm" in tuple(iou_types)).to_dict()
 
 
 def fill_gt_defaults(gt: dict) -> dict:
@@ -144,47 +85,6 @@ def fill_gt_defaults(gt: dict) -> dict:
                 rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
             ann["area"] = float(mask_utils.area(rle))
     return gt
-
-
-def check_results(results: Any, gt: dict, path: str | Path, iou_type: str | None = None) -> None:
-    """Validate a COCO results list against the ground truth ``gt``.
-
-    ``iou_type`` "segm" or "bbox" requires that type's keys in every record;
-    ``None`` requires the common keys plus at least one of ``segmentation`` /
-    ``bbox``. A ``bbox`` or ``segmentation`` that is present is always checked.
-    Compressed RLE strings are checked for their alphabet, not decoded: decoding
-    every mask of a COCO-size file would cost more than the evaluation itself.
-    Raises :class:`InputError`.
-    """
-    if iou_type is not None and iou_type not in IOU_TYPES:
-        raise ValueError(f"iou_type must be one of {IOU_TYPES} or None, got {iou_type!r}")
-    if not isinstance(results, list):
-        kind = "an object (is this a ground-truth file?)" if isinstance(results, dict) else type(results).__name__
-        raise InputError(path, f"results must be a JSON list of detection records, got {kind}")
-    sizes, cats = gt_index(gt)
-    required = REQUIRED_KEYS[iou_type] if iou_type else ("image_id", "category_id", "score")
-    for i, rec in enumerate(results):
-        if not isinstance(rec, dict):
-            raise InputError(path, f"record is a {type(rec).__name__}, not an object", record=f"record {i}")
-        record = f"record {i} (image_id {rec.get('image_id')})"
-        missing = [k for k in required if k not in rec]
-        if missing:
-            needed = f" (needed for {iou_type} evaluation)" if iou_type else ""
-            raise InputError(path, f"missing key(s) {', '.join(missing)}{needed}", record=record)
-        if iou_type is None and "segmentation" not in rec and "bbox" not in rec:
-            raise InputError(path, "record has neither 'segmentation' nor 'bbox'", record=record)
-        image_id = rec["image_id"]
-        if not _is_int(image_id) or int(image_id) not in sizes:
-            raise InputError(path, f"image_id {image_id!r} is not an image of the ground truth", record=record)
-        if not _is_int(rec["category_id"]) or int(rec["category_id"]) not in cats:
-            raise InputError(path, f"category_id {rec['category_id']!r} is not a category of the ground truth",
-                             record=record)
-        if not _is_finite_number(rec["score"]):
-            raise InputError(path, f"score {rec['score']!r} is not a finite number", record=record)
-        if "bbox" in rec:
-            _check_bbox(path, record, rec["bbox"])
-        if "segmentation" in rec:
-            _check_rle(path, record, rec["segmentation"], sizes[int(image_id)])
 
 
 def normalise_results(results: list[dict], iou_type: str) -> list[dict]:
@@ -224,52 +124,3 @@ def mask_box(segm: dict) -> list[float]:
     rle = compress_rle(segm)
     box = mask_utils.toBbox({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
     return [float(v) for v in box]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_finite_number(value: Any) -> bool:
-    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-            and math.isfinite(float(value)))
-
-
-def _check_bbox(path: str | Path, record: str, bbox: Any) -> None:
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        raise InputError(path, f"bbox must be a list of 4 numbers [x, y, w, h], got {bbox!r}", record=record)
-    if not all(_is_finite_number(v) for v in bbox):
-        raise InputError(path, f"bbox {bbox!r} has a non-finite or non-numeric value", record=record)
-    if bbox[2] < 0 or bbox[3] < 0:
-        raise InputError(path, f"bbox {bbox!r} has negative width or height (expected [x, y, w, h])",
-                         record=record)
-
-
-def _check_rle(path: str | Path, record: str, segm: Any, image_hw: tuple[int, int]) -> None:
-    if isinstance(segm, list):
-        raise InputError(path, "segmentation is a polygon list; results must be RLE {'size', 'counts'}",
-                         record=record)
-    if not isinstance(segm, dict) or "size" not in segm or "counts" not in segm:
-        raise InputError(path, "segmentation must be an RLE object with 'size' and 'counts'", record=record)
-    size = segm["size"]
-    if (not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(v) for v in size)
-            or (int(size[0]), int(size[1])) != tuple(image_hw)):
-        raise InputError(path, f"segmentation size {size!r} differs from the image's [height, width] "
-                               f"{list(image_hw)}", record=record)
-    counts = segm["counts"]
-    try:
-        counts = counts_text(counts)
-    except (ValueError, SyntaxError, UnicodeDecodeError):
-        raise InputError(path, "segmentation counts look like bytes text but cannot be decoded", record=record) from None
-    if isinstance(counts, str):
-        if not counts or not _RLE_TEXT.fullmatch(counts):
-            raise InputError(path, "segmentation counts is not a compressed COCO RLE string", record=record)
-    elif isinstance(counts, list):
-        if not all(_is_int(c) and c >= 0 for c in counts):
-            raise InputError(path, "uncompressed RLE counts must be non-negative integers", record=record)
-        if sum(int(c) for c in counts) != image_hw[0] * image_hw[1]:
-            raise InputError(path, f"uncompressed RLE counts sum to {sum(int(c) for c in counts)}, "
-                                   f"expected height*width = {image_hw[0] * image_hw[1]}", record=record)
-    else:
-        raise InputError(path, f"segmentation counts must be a string or a list, got {type(counts).__name__}",
-                         record=record)
