@@ -1,11 +1,22 @@
-"""BoxLevelSet losses: the Chan-Vese energy by hand, its minimum, gradients, both variants."""
+"""BoxLevelSet losses: the Chan-Vese energy by hand, its minimum, gradients, both variants,
+per-level resolution, the released length term and the preferred-foreground diagnostic."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from baselines.boxinst import projection_loss
-from baselines.boxlevelset import BoxLevelSetLoss, box_length, levelset_energy
+from baselines.boxlevelset import (
+    DEFAULTS,
+    BoxLevelSetLoss,
+    box_length,
+    levelset_energy,
+    preferred_inside,
+    released_length,
+    solo_levels,
+)
 from baselines.tree_filter import build_tree_schedule, tree_edge_weights, tree_filter
 from sim_core.errors import InputError
 from sim_core.model.mask_inputs import MaskLossInputs
@@ -119,9 +130,10 @@ def test_gradient_descent_on_the_energy_recovers_the_object():
 
 
 @pytest.mark.parametrize("cfg", [
-    {"tree_filter": False},
-    {"tree_filter": True},
+    {"tree_filter": False, "variant": "paper"},
+    {"tree_filter": True, "variant": "paper"},
     {"tree_filter": True, "variant": "released_code"},
+    {"tree_filter": False, "variant": "released_code"},
 ])
 def test_module_terms_weights_and_finite_gradients_on_edge_boxes(cfg):
     torch.manual_seed(1)
@@ -150,7 +162,7 @@ def test_image_term_uses_the_normalised_image_with_weight_005():
     box = box_mask(8, 8, 1, 7, 2, 6)[None]
     images = torch.rand(1, 3, 32, 32) * 255
     inputs = make_inputs(logits, box, images)
-    loss = BoxLevelSetLoss({"tree_filter": False}, MASK_FEAT_CHANNELS)(inputs)
+    loss = BoxLevelSetLoss({"tree_filter": False, "variant": "paper"}, MASK_FEAT_CHANNELS)(inputs)
     resized = torch.nn.functional.interpolate(inputs.images_norm, size=(8, 8), mode="bilinear",
                                               align_corners=False)
     expected = 0.05 * levelset_energy(logits.sigmoid(), resized, box[:, None], 1e-4)
@@ -169,7 +181,7 @@ def test_released_code_feature_input_filters_the_prediction_along_two_trees():
     image = torch.nn.functional.interpolate(inputs.images_norm, size=(8, 8), mode="bilinear",
                                             align_corners=False)
     features = loss_fn.deep_features(inputs.mask_feats, (8, 8))
-    got = loss_fn._feature_input(inputs, probs, image, features)
+    got = loss_fn._feature_input(im_inds, probs, image, features)
     for k in range(3):
         b = int(im_inds[k])
         low_tree = build_tree_schedule(image[b:b + 1])
@@ -193,9 +205,191 @@ def test_channels_from_cfg_and_bad_config():
     assert BoxLevelSetLoss({"mask_feat_channels": 16}).feature_conv.in_channels == 16
     with pytest.raises(InputError, match="mask_feat_channels"):
         BoxLevelSetLoss({})
-    with pytest.raises(InputError, match="released_code"):
-        BoxLevelSetLoss({"variant": "released_code", "tree_filter": False}, 8)
+    with pytest.raises(InputError, match="released_gamma"):
+        BoxLevelSetLoss({"released_gamma": -1.0}, 8)
     with pytest.raises(InputError, match="variant"):
         BoxLevelSetLoss({"variant": "solo"}, 8)
     with pytest.raises(InputError, match="levelset_gama"):
         BoxLevelSetLoss({"levelset_gama": 1e-5}, 8)
+
+
+# --- released_code variant: length, feature term, per-level resolution, diagnostics ---------
+
+
+def test_default_variant_is_released_code_with_released_gamma():
+    assert DEFAULTS["variant"] == "released_code"
+    assert (DEFAULTS["levelset_gamma"], DEFAULTS["released_gamma"]) == (1e-4, 1e-5)
+    assert BoxLevelSetLoss({}, 8).released and not BoxLevelSetLoss({"variant": "paper"}, 8).released
+
+
+def test_released_length_matches_hand_calculation():
+    probs = torch.tensor([[1.0, 0.5, 0.2], [0.0, 0.0, 0.3], [0.4, 0.1, 0.9]]).view(1, 1, 3, 3)
+    box = box_mask(3, 3, 0, 2, 0, 2)[None, None]
+    # sigma*B = [[1,.5,0],[0,0,0],[0,0,0]]: rows 1 + .5, columns .5 + .5 -> 2.5
+    # (1-sigma)*B = [[0,.5,0],[1,1,0],[0,0,0]]: rows 1+1+.5+1, columns .5+.5+1 -> 5.5
+    assert released_length(probs, box).item() == pytest.approx(8.0)
+    # = 2 x the in-box length (2.0) + one per pair across the box border (4 pairs)
+    assert box_length(probs, box).item() == pytest.approx(2.0)
+    # the border pairs add a constant: no gradient from them (away from ties |0|)
+    probs = (torch.rand(1, 1, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.8
+             + 0.1).requires_grad_()
+    released_length(probs, box).sum().backward()
+    grad_in = probs.grad.clone()
+    probs.grad = None
+    (2.0 * box_length(probs, box)).sum().backward()
+    assert torch.allclose(grad_in, probs.grad)
+
+
+def test_released_energy_adds_the_released_length():
+    image = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).view(1, 1, 2, 2)
+    probs = torch.tensor([[1.0, 0.5], [0.0, 0.0]]).view(1, 1, 2, 2)
+    box = torch.ones(1, 1, 2, 2)
+    # region 1/3 (see test_energy_matches_hand_calculation); full box: length = 2 x 2 = 4
+    expected = (1 / 3 + 1e-5 * 4.0) / 4
+    got = levelset_energy(probs, image, box, 1e-5, length="released")
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="length"):
+        levelset_energy(probs, image, box, 1e-5, length="tv")
+
+
+def _row_inputs(sig: list[float], delta_raw: float, diagnose: bool = False) -> MaskLossInputs:
+    """One instance on a 1 x 3 mask grid (12 x 4 input): pixels 0, 1 grey, pixel 2 brighter.
+
+    The image is constant on each 4 x 4 block, so its bilinear resize to the mask
+    grid is exact: normalised values (0, 0, delta_raw / 60) on all three channels.
+    """
+    sig_t = torch.tensor(sig)
+    logits = torch.log(sig_t / (1 - sig_t)).view(1, 1, 1, 3)
+    images = torch.full((1, 3, 4, 12), 120.0)
+    images[..., 8:] += delta_raw
+    inputs = make_inputs(logits, torch.ones(1, 1, 3), images)
+    inputs.mask_feats = torch.randn(1, MASK_FEAT_CHANNELS, 1, 3)
+    inputs.diagnose = diagnose
+    return inputs
+
+
+def _hand_energy(channels: list[list[float]], sig: list[float], gamma_length: float) -> float:
+    """Chan-Vese energy with the box = whole map, by loops: (region / C + length) / N."""
+    n = len(sig)
+    region = 0.0
+    for values in channels:
+        c1 = sum(v * s for v, s in zip(values, sig)) / sum(sig)
+        c2 = sum(v * (1 - s) for v, s in zip(values, sig)) / sum(1 - s for s in sig)
+        region += sum((v - c1) ** 2 * s + (v - c2) ** 2 * (1 - s) for v, s in zip(values, sig))
+    return (region / len(channels) + gamma_length) / n
+
+
+def test_released_terms_match_hand_calculation_with_constant_features():
+    sig = [0.8, 0.6, 0.1]
+    # image edge 1-2 with ||dI||^2 = 0.02 ln 4 (three channels): tree weight exp(-ln 4) = 0.25
+    delta = math.sqrt(0.02 * math.log(4.0) / 3.0)
+    inputs = _row_inputs(sig, 60.0 * delta)
+    loss_fn = BoxLevelSetLoss({"variant": "released_code"}, MASK_FEAT_CHANNELS)
+    with torch.no_grad():  # constant I_f: every second-tree weight is exp(0) = 1
+        loss_fn.feature_conv.weight.zero_()
+        loss_fn.feature_conv.bias.fill_(0.7)
+    losses = loss_fn(inputs)
+    s0, s1, s2 = sig
+    # T1 = prediction filtered along the image's path tree 0 -1- 1 -0.25- 2
+    t1 = [(s0 + s1 + 0.25 * s2) / 2.25, (s0 + s1 + 0.25 * s2) / 2.25,
+          (0.25 * s0 + 0.25 * s1 + s2) / 1.5]
+    t2 = [sum(t1) / 3] * 3  # all weights 1: the mean
+    length = 1e-5 * 2 * (abs(s1 - s0) + abs(s2 - s1))  # released length, box = whole map
+    expected_feat = 5.0 * _hand_energy([t1, t2], sig, length)
+    expected_img = 0.05 * _hand_energy([[0.0, 0.0, delta]] * 3, sig, length)
+    assert losses["loss_levelset_feat"].item() == pytest.approx(expected_feat, rel=1e-5)
+    assert losses["loss_levelset_img"].item() == pytest.approx(expected_img, rel=1e-5)
+    assert expected_feat > 1e-3  # not the near-zero energy of a constant map
+
+
+def test_released_feature_term_trains_the_logits_when_features_are_constant():
+    torch.manual_seed(4)
+    logits = (torch.randn(2, 1, 8, 8) * 2).requires_grad_()
+    boxes = torch.stack([box_mask(8, 8, 1, 7, 1, 7), box_mask(8, 8, 0, 5, 2, 8)])
+    images = torch.rand(1, 3, 32, 32) * 255
+    inputs = make_inputs(logits, boxes, images, im_inds=torch.tensor([0, 0]))
+    grads = {}
+    for variant in ("released_code", "paper"):
+        loss_fn = BoxLevelSetLoss({"variant": variant, "levelset_gamma": 0.0,
+                                   "released_gamma": 0.0}, MASK_FEAT_CHANNELS)
+        with torch.no_grad():
+            loss_fn.feature_conv.weight.zero_()
+            loss_fn.feature_conv.bias.fill_(0.3)
+        feat = loss_fn(inputs)["loss_levelset_feat"]
+        (grads[variant],) = torch.autograd.grad(feat, logits)
+        if variant == "paper":
+            assert feat.item() == pytest.approx(0.0, abs=1e-9)
+        else:
+            assert feat.item() > 1e-3
+    assert grads["released_code"].abs().max().item() > 1e-4
+    assert grads["paper"].abs().max().item() < 1e-9
+
+
+def test_solo_levels_from_box_scale():
+    sides = [0.0, 10.0, 60.0, 150.0, 300.0, 500.0, 3000.0]
+    boxes = torch.tensor([[0.0, 0.0, s, s] for s in sides])
+    levels = [set(idx.tolist()) for idx in solo_levels(boxes)]
+    # 0 and 10 -> level 0; 60 -> 0, 1; 150 -> 1, 2; 300 -> 2, 3; 500 -> 3, 4; 3000 -> 4
+    assert levels == [{0, 1, 2}, {2, 3}, {3, 4}, {4, 5}, {5, 6}]
+
+
+def test_released_code_supervises_each_level_at_its_resolution():
+    torch.manual_seed(5)
+    logits = torch.randn(2, 1, 64, 64)
+    boxes = torch.stack([box_mask(64, 64, 4, 12, 4, 12), box_mask(64, 64, 10, 50, 8, 50)])
+    images = torch.rand(1, 3, 256, 256) * 255
+    inputs = make_inputs(logits, boxes, images, im_inds=torch.tensor([0, 0]))
+    # instance 0: 32 px -> level 0 (stride 4); instance 1: 160 x 168 px -> levels 1 and 2
+    inputs.gt_boxes = torch.tensor([[16.0, 16.0, 48.0, 48.0], [32.0, 40.0, 200.0, 200.0]])
+    loss_fn = BoxLevelSetLoss({}, MASK_FEAT_CHANNELS)
+    got = loss_fn(inputs)["loss_proj"].item()
+    half = lambda x: torch.nn.functional.interpolate(  # noqa: E731
+        x, size=(32, 32), mode="bilinear", align_corners=False)
+    full = projection_loss(logits.sigmoid(), boxes[:, None])
+    coarse = projection_loss(half(logits[1:]).sigmoid(), (half(boxes[1:, None]) >= 0.5).float())
+    expected = 3.0 * (full[0] + full[1] + coarse[0]) / 3
+    assert got == pytest.approx(expected.item(), rel=1e-5)
+    # the paper variant: every instance once, at stride 4
+    paper = BoxLevelSetLoss({"variant": "paper"}, MASK_FEAT_CHANNELS)(inputs)["loss_proj"]
+    assert paper.item() == pytest.approx(3.0 * full.mean().item(), rel=1e-5)
+
+
+def test_preferred_inside_by_hand():
+    image = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 1, 1, 4)
+    probs = torch.tensor([0.9, 0.4, 0.6, 0.1]).view(1, 1, 1, 4)
+    box = torch.ones(1, 1, 1, 4)
+    # c1 = (0.9 + 0.4) / 2.0 = 0.65, c2 = (0.6 + 0.1) / 2.0 = 0.35: I = 1 is closer to c1
+    assert preferred_inside(probs, image, box).view(-1).tolist() == [True, True, False, False]
+    box[..., 0] = 0.0  # outside the box is never preferred (and c1, c2 change)
+    assert not preferred_inside(probs, image, box).view(-1)[0]
+
+
+@pytest.mark.parametrize("variant", ["released_code", "paper"])
+def test_diagnostic_iou_of_the_preferred_foreground(variant):
+    sig = [0.9, 0.4, 0.6, 0.1]
+    logits = torch.log(torch.tensor(sig) / (1 - torch.tensor(sig))).view(1, 1, 1, 4)
+    logits = torch.cat([logits, logits])  # row 1 is pasted: must not count
+    images = torch.full((1, 3, 4, 16), 120.0)
+    images[..., :8] += 60.0  # normalised (1, 1, 0, 0) on every channel
+    inputs = make_inputs(logits, torch.ones(2, 1, 4), images)
+    inputs.gt_bitmasks = torch.tensor([[[1.0, 0.0, 0.0, 0.0]], [[0.0, 0.0, 1.0, 1.0]]])
+    inputs.gt_pasted = torch.tensor([False, True])
+    inputs.mask_feats = torch.randn(1, MASK_FEAT_CHANNELS, 1, 4)
+    loss_fn = BoxLevelSetLoss({"variant": variant, "tree_filter": variant == "released_code"},
+                              MASK_FEAT_CHANNELS)
+    with torch.no_grad():
+        loss_fn.feature_conv.weight.zero_()
+    loss_fn(inputs)
+    assert loss_fn.last_quality == {}  # only when asked
+    inputs.diagnose = True
+    loss_fn(inputs)
+    quality = loss_fn.last_quality
+    # image term prefers pixels 0, 1; GT is pixel 0: IoU 1/2
+    assert quality["levelset_img_fg_iou"] == pytest.approx(0.5)
+    if variant == "paper":
+        # constant features: |I - c1| = |I - c2| everywhere, nothing preferred: IoU 0
+        assert quality["levelset_feat_fg_iou"] == 0.0
+    else:
+        # T1 along the image tree: (s0+s1)/2 = 0.65 on pixels 0, 1 and (s2+s3)/2 = 0.35 on 2, 3
+        # (the edge 1-2 has weight exp(-3/0.02) ~ 0), T2 their mean: pixels 0, 1 preferred
+        assert quality["levelset_feat_fg_iou"] == pytest.approx(0.5)
