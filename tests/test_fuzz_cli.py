@@ -18,6 +18,7 @@ tests/test_fuzz_cli.py``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -52,6 +53,16 @@ class Hang(Exception):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
+    # Import everything the verbs import lazily now: the per-example alarm must never fire inside
+    # an import (torch cannot be imported again after an interrupted import).
+    import importlib
+
+    from sim_core.cli import build_parser
+
+    build_parser()
+    for name in ("baselines.external", "sim_core.data.prepare", "sim_core.evaluation.coco_eval",
+                 "pycocotools.cocoeval", "faster_coco_eval", "torch"):
+        importlib.import_module(name)
     tiny = build_tiny_coco(tmp_path_factory.mktemp("fuzz") / "tiny")
     results = []
     for ann in tiny.base["annotations"]:
@@ -71,6 +82,7 @@ WEIRD = st.sampled_from([
     {"size": [30, 40], "counts": [1200]}, {"size": [30, 40], "counts": "o" * 40}, [[1, 2, 3, 4, 5, 6, 7]],
     [["x", 1, 2, 3, 4, 5]], [[1e12, 1e12, -1e12, 0, 5, 5]],
 ])
+FRESH_WEIRD = WEIRD.map(copy.deepcopy)  # the pool's lists and dicts must not be edited in place
 
 
 def _paths(obj, prefix=()):
@@ -99,7 +111,7 @@ def corrupted(draw, original):
         op = draw(st.sampled_from(["drop", "duplicate", "retype", "scale", "rename"]))
         if not path:
             if op == "retype":
-                obj = draw(WEIRD)
+                obj = draw(FRESH_WEIRD)
             continue
         parent, key = _get(obj, path[:-1]), path[-1]
         if op == "drop":
@@ -110,7 +122,7 @@ def corrupted(draw, original):
             else:
                 parent[f"{key}_copy"] = parent[key]
         elif op == "retype":
-            parent[key] = draw(WEIRD)
+            parent[key] = draw(FRESH_WEIRD)
         elif op == "scale":
             value = parent[key]
             if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -119,7 +131,7 @@ def corrupted(draw, original):
             elif isinstance(value, str):
                 parent[key] = value + draw(st.sampled_from(["\x00", "/..", "é", "\u2029", "o" * 30, "'"]))
             else:
-                parent[key] = draw(WEIRD)
+                parent[key] = draw(FRESH_WEIRD)
         elif op == "rename" and isinstance(parent, dict):
             parent[draw(st.sampled_from(["ID", "id ", "file_name", "segmentation", "é"]))] = parent.pop(key)
     text = json.dumps(obj, allow_nan=True)
