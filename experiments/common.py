@@ -14,7 +14,8 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
 def load_params_from_args(args: argparse.Namespace) -> dict:
     from sim_core.config import load_params
 
-    return load_params(args.params, args.overrides)
+    # With the run the command works on, an override that run would ignore (train.seed, ...) is refused.
+    return load_params(args.params, args.overrides, run=getattr(args, "run", None))
 
 
 def run_dir_for(params: dict, run_name: str, explicit: str | None = None) -> Path:

@@ -22,10 +22,19 @@ failing; ``--single-item`` keeps a worker from re-checking ``prepare``, whose
 output the other workers' trainings hold a read lock on. On a GPU machine
 each worker gets its own ``train.processes`` GPUs through
 ``CUDA_VISIBLE_DEVICES``: one run per GPU by default.
+
+The params are validated exactly as ``simbench train`` validates them
+(every run's name, entry and settings) before anything runs. Two ``simbench
+repro`` in one checkout would race each other's workers, so one holds
+``.dvc/tmp/simbench-repro.lock`` (``flock``: the kernel drops it when the
+holder dies, so a killed run leaves no stale lock) while it works; a second
+one stops at once naming the holder's pid, or waits for it with ``--wait``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -47,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "GPUs // train.processes on a GPU machine)")
     parser.add_argument("--params", default="params.yaml", help="params file of the pipeline (default: params.yaml)")
     parser.add_argument("--dry", action="store_true", help="print the dvc commands instead of running them")
+    parser.add_argument("--wait", action="store_true",
+                        help="when another simbench repro runs in this checkout, wait for it instead of stopping")
 
 
 @dataclass
@@ -142,6 +153,53 @@ def _run_worker(queue: list[Job], queue_lock: threading.Lock, print_lock: thread
             failed.set()
 
 
+LOCK_NAME = "simbench-repro.lock"
+
+
+def lock_path() -> Path:
+    """``.dvc/tmp/simbench-repro.lock``; beside the params when this is no dvc checkout (no ``.dvc`` made)."""
+    return Path(".dvc") / "tmp" / LOCK_NAME if Path(".dvc").is_dir() else Path(f".{LOCK_NAME}")
+
+
+@contextlib.contextmanager
+def repro_lock(path: Path | None = None, wait: bool = False):
+    """Hold ``path`` (``flock``, exclusive) while a ``simbench repro`` works; it records the holder's pid.
+
+    Taken by another process: InputError naming its pid, or with ``wait``
+    block until it is released. The kernel releases the lock when the holder
+    exits, however it exits, so no stale lock survives a killed run.
+    """
+    from sim_core.errors import InputError
+
+    path = path or lock_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncate: the holder's pid stays readable
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            if not wait:
+                raise InputError(path, f"another simbench repro (pid {holder}) is running in this checkout; "
+                                       "wait for it to finish, or pass --wait to queue behind it") from None
+            print(f"simbench repro: waiting for the simbench repro with pid {holder} to finish", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return text if text.isdigit() else "unknown"
+
+
 def check_weights(params: dict) -> None:
     """Every run's backbone weights on this machine (``imagenet``: downloaded once) before any stage runs."""
     from sim_core.config import resolve_run
@@ -157,12 +215,10 @@ def check_weights(params: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sim_core.config import read_yaml
+    from sim_core.config import load_params
     from sim_core.errors import InputError
 
-    params = read_yaml(args.params)
-    if "runs" not in params or "train" not in params:
-        raise InputError(args.params, "needs the 'train' and 'runs' sections of a simbench params file")
+    params = load_params(args.params)  # the checks of `simbench train`, for every run, before any work
     gpu_count = _visible_gpus() if str(params["train"].get("device", "auto")) in ("auto", "cuda") else 0
     jobs = args.jobs if args.jobs is not None else default_jobs(params["train"], os.cpu_count() or 1, gpu_count)
     if jobs < 1:
@@ -179,6 +235,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"# {len(queue)} runs, {min(len(envs), len(queue))} at a time")
         return 0
     check_weights(params)  # before `dvc repro prepare`: offline without cached weights stops here (exit 2)
+    with repro_lock(wait=args.wait):
+        return _reproduce(queue, envs)
+
+
+def _reproduce(queue: list[Job], envs: list[dict]) -> int:
     start = time.monotonic()
     if subprocess.call(_dvc("prepare")) != 0:
         return 1

@@ -12,30 +12,75 @@ key must exist there and carry a value of the same kind (numbers are
 interchangeable between int and float; ``null`` in the reference admits
 anything). So a typo in a key, a string where a number belongs, or a negative
 learning rate stops the command before any work starts.
+
+Params files are plain YAML without anchors and aliases (``&a``/``*a``): the
+loader refuses the first anchor or alias it meets, before anything is
+expanded, so a few lines cannot grow into gigabytes (the "billion laughs"
+file). Run names are file names (``runs/<name>/``, ``train@<name>``): letters,
+digits, ``_``, ``-`` and ``.`` only. A key that a run entry sets (``train.seed``
+and ``train.method`` come from ``runs.<name>.seed`` and ``.method``), or that
+another key governs for the run, cannot be overridden with ``--set`` or a
+run's ``set:``: the override would be silently ignored, so it is refused,
+naming the place to set it.
 """
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from sim_core.errors import InputError
+from sim_core.errors import InputError, quote, shorten
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "experiments" / "profiles"
 METHODS = ("mask", "boxmask", "boxinst", "boxlevelset", "sim")
 # Mappings whose keys are free-form (their entries are named by the user).
-FREE_MAPPINGS = ("runs", "report.paper_settings", "report.data_dirs")
+FREE_MAPPINGS = ("runs", "report.paper_settings", "report.data_dirs", "upstream_runs")
+# A run name becomes a directory (runs/<name>) and a dvc stage name (train@<name>).
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
+# Keys ``resolve_run`` fills from the run entry: an override of them would be ignored.
+RUN_ENTRY_KEYS = {"train.seed": "seed", "train.method": "method"}
+
+
+class AliasRefused(Exception):
+    """A YAML anchor or alias in a params file (see :class:`NoAliasLoader`)."""
+
+    def __init__(self, kind: str, name: str, line: int):
+        self.kind, self.name, self.line = kind, name, line
+        super().__init__(f"YAML {kind} '{'&' if kind == 'anchor' else '*'}{shorten(name, 40)}' at line {line}: "
+                         "anchors and aliases are not allowed in params files; write the value out")
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """``SafeLoader`` that refuses the first anchor or alias while composing, before any expansion."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 (PyYAML's signature)
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise AliasRefused("alias", event.anchor or "", event.start_mark.line + 1)
+        if getattr(event, "anchor", None) is not None:
+            raise AliasRefused("anchor", event.anchor, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+def load_yaml_text(text: str):
+    """``yaml.safe_load`` without anchors and aliases (raises :class:`AliasRefused`)."""
+    return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def read_yaml(path: str | Path) -> dict:
-    """``yaml.safe_load`` a mapping, with errors that name the file."""
+    """Safely load a YAML mapping without anchors or aliases, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "file does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
+    except AliasRefused as exc:
+        raise InputError(path, str(exc)) from None
+    except UnicodeDecodeError:
+        raise InputError(path, "not a UTF-8 text file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -52,7 +97,7 @@ def available_profiles() -> list[str]:
 def profile_path(name: str) -> Path:
     path = PROFILES_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise InputError("profile", f"unknown profile '{name}'; choose one of {', '.join(available_profiles())}")
+        raise InputError("profile", f"unknown profile {quote(name)}; choose one of {', '.join(available_profiles())}")
     return path
 
 
@@ -61,23 +106,39 @@ def reference_params() -> dict:
     return read_yaml(profile_path("demo"))
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> dict:
-    """Load, apply ``--set key=value`` overrides, and validate a params file."""
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None,
+                run: str | None = None) -> dict:
+    """Load, apply ``--set key=value`` overrides, and validate a params file.
+
+    ``run``: the run the command works on (``train``/``evaluate --run``); the
+    overrides are then also checked against what that run's entry and settings
+    overwrite (see :func:`check_overrides`).
+    """
     params = read_yaml(path)
-    params = apply_overrides(params, overrides or [], source=str(path))
+    parsed = [parse_override(o) for o in overrides or []]
+    for key, _ in parsed:
+        if key in RUN_ENTRY_KEYS and run is None:
+            raise InputError("--set", f"'{key}' is set by each run entry (runs.<name>.{RUN_ENTRY_KEYS[key]} "
+                                      f"in {path}), not with --set")
+    params = apply_overrides(params, dict(parsed), source=str(path))
     validate_params(params, source=str(path))
+    if run is not None and parsed:
+        resolved = resolve_run(params, run)
+        check_overrides(resolved, run, [key for key, _ in parsed], "--set", str(path))
     return params
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise InputError("--set", f"expected key=value, got '{text}'")
+        raise InputError("--set", f"expected key=value, got {quote(text)}")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise InputError("--set", f"empty key in '{text}'")
+        raise InputError("--set", f"empty key in {quote(text)}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml_text(raw) if raw.strip() else ""
+    except AliasRefused as exc:
+        raise InputError("--set", f"{key}: {exc}") from None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -90,11 +151,11 @@ def set_dotted(params: dict, key: str, value: Any, source: str = "--set", create
     for part in parts[:-1]:
         if part not in node or not isinstance(node[part], dict):
             if not create:
-                raise InputError(source, f"unknown params key '{key}'")
+                raise InputError(source, f"unknown params key {quote(key)}")
             node[part] = {}
         node = node[part]
     if parts[-1] not in node and not create:
-        raise InputError(source, f"unknown params key '{key}'")
+        raise InputError(source, f"unknown params key {quote(key)}")
     node[parts[-1]] = value
 
 
@@ -135,12 +196,13 @@ def _check_against(node: dict, ref: dict, prefix: str, source: str) -> None:
     for key, value in node.items():
         dotted = f"{prefix}{key}"
         if key not in ref:
-            raise InputError(source, f"unknown params key '{dotted}'")
+            raise InputError(source, f"unknown params key {quote(dotted)}")
         expected = ref[key]
         if expected is None or value is None:
             continue
         if _kind(value) != _kind(expected):
-            raise InputError(source, f"params key '{dotted}' must be a {_kind(expected)}, got {_kind(value)} {value!r}")
+            raise InputError(source, f"params key '{dotted}' must be a {_kind(expected)}, "
+                                     f"got {_kind(value)} {quote(value)}")
         if isinstance(expected, dict) and dotted not in FREE_MAPPINGS:
             _check_against(value, expected, dotted + ".", source)
 
@@ -152,42 +214,96 @@ def validate_params(params: dict, source: str = "params.yaml") -> None:
     for section in ref:
         if section not in params:
             raise InputError(source, f"missing params section '{section}'")
-    train = params["train"]
-    if not train["lr"] > 0:
-        raise InputError(source, f"params key 'train.lr' must be positive, got {train['lr']!r}")
-    for key in ("max_iter", "batch_size", "checkpoint_every"):
-        if not (isinstance(train[key], int) and train[key] > 0):
-            raise InputError(source, f"params key 'train.{key}' must be a positive integer, got {train[key]!r}")
+    _check_train(params["train"], source)
     if params.get("profile") not in available_profiles():
-        raise InputError(source, f"params key 'profile': unknown profile '{params.get('profile')}'; "
+        raise InputError(source, f"params key 'profile': unknown profile {quote(params.get('profile'))}; "
                                  f"choose one of {', '.join(available_profiles())}")
     runs = params.get("runs") or {}
     if not isinstance(runs, dict):
-        raise InputError(source, "params key 'runs' must map run names to {method, seed, set}")
+        raise InputError(source, "params key 'runs' must map run names to {method, seed, set}, "
+                                 f"got a {_kind(runs)}")
     for name, run in runs.items():
         _validate_run(name, run, params, source)
 
 
-def _validate_run(name: str, run: Any, params: dict, source: str) -> None:
+def _check_train(train: dict, source: str) -> None:
+    """Numbers the engine divides by or counts with (``train`` after any overrides)."""
+    if not train["lr"] > 0:
+        raise InputError(source, f"params key 'train.lr' must be positive, got {quote(train['lr'])}")
+    for key in ("max_iter", "batch_size", "checkpoint_every", "batch_per_process", "processes"):
+        if not (isinstance(train.get(key), int) and not isinstance(train.get(key), bool) and train[key] > 0):
+            raise InputError(source, f"params key 'train.{key}' must be a positive integer, "
+                                     f"got {quote(train.get(key))}")
+    threads = train.get("threads", 0)
+    if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0):
+        raise InputError(source, f"params key 'train.threads' must be an integer >= 0, got {quote(threads)}")
+    check_batch_split(train["batch_size"], train["batch_per_process"], train["processes"], source)
+
+
+def check_batch_split(batch_size: int, batch_per_process: int, processes: int, source: str) -> None:
+    """The rule of ``sim_core.engine.distributed.accumulation_steps``, checked before any work.
+
+    Each iteration takes ``batch_size`` images in total: ``batch_size /
+    processes`` per process (must be whole), fed in ``ceil(per_process /
+    batch_per_process)`` micro-batches of equal size (``per_process`` must be
+    a multiple of that count). E.g. 16 images on 1 process with at most 6 at
+    once: 3 micro-batches of 16/3 -> refused; at most 4 or 8 at once: fine.
+    """
+    if batch_size % processes:
+        raise InputError(source, f"params key 'train.batch_size' ({batch_size}) must be a multiple of "
+                                 f"'train.processes' ({processes}): each process takes an equal share")
+    per_process = batch_size // processes
+    steps = -(-per_process // batch_per_process)
+    if per_process % steps:
+        raise InputError(source, f"params key 'train.batch_per_process' ({batch_per_process}): the {per_process} "
+                                 f"images per process cannot be split into {steps} equal micro-batches of at "
+                                 f"most {batch_per_process}; use a divisor of {per_process}")
+
+
+def check_run_name(name: Any, source: str) -> None:
+    """A run name is a directory and a dvc stage name: no path separators, no '..', no leading dot."""
+    if not isinstance(name, str):
+        raise InputError(source, f"params key 'runs': run name {quote(name)} must be text (quote it in YAML)")
+    if not RUN_NAME.fullmatch(name) or ".." in name:
+        raise InputError(source, f"params key 'runs': run name {quote(name)} may use only letters, digits, "
+                                 "'_', '-' and '.' (at most 100, not starting with '.', no '..')")
+
+
+def _validate_run(name: Any, run: Any, params: dict, source: str) -> None:
+    check_run_name(name, source)
     if not isinstance(run, dict):
-        raise InputError(source, f"params key 'runs.{name}' must be a mapping")
-    unknown = set(run) - {"method", "seed", "set"}
+        raise InputError(source, f"params key 'runs.{name}' must be a mapping, got {_kind(run)} {quote(run)}")
+    unknown = set(map(str, run)) - {"method", "seed", "set"}
     if unknown:
-        raise InputError(source, f"unknown params key 'runs.{name}.{sorted(unknown)[0]}'")
+        raise InputError(source, f"unknown params key {quote(f'runs.{name}.{sorted(unknown)[0]}')}")
     if run.get("method") not in METHODS:
-        raise InputError(source, f"params key 'runs.{name}.method': unknown method '{run.get('method')}'; "
+        raise InputError(source, f"params key 'runs.{name}.method': unknown method {quote(run.get('method'))}; "
                                  f"choose one of {', '.join(METHODS)}")
-    if not isinstance(run.get("seed", 0), int):
-        raise InputError(source, f"params key 'runs.{name}.seed' must be an integer")
+    seed = run.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InputError(source, f"params key 'runs.{name}.seed' must be an integer, got {quote(seed)}")
     overrides = run.get("set") or {}
     if not isinstance(overrides, dict):
         raise InputError(source, f"params key 'runs.{name}.set' must map dotted keys to values")
-    resolved = apply_overrides(_without_runs(params), overrides, source=f"{source}: runs.{name}.set")
-    _check_against(resolved, reference_params(), "", f"{source}: runs.{name}.set")
+    where = f"{source}: runs.{name}.set"
+    for key in overrides:
+        if not isinstance(key, str):
+            raise InputError(where, f"key {quote(key)} must be a dotted params key")
+    resolved = apply_overrides(_without_runs(params), overrides, source=where)
+    _check_against(resolved, reference_params(), "", where)
+    _check_train(resolved["train"], where)
+    check_overrides(_fill_run(resolved, name, run), name, list(overrides), where, source)
 
 
 def _without_runs(params: dict) -> dict:
     return {k: v for k, v in params.items() if k != "runs"}
+
+
+def _fill_run(resolved: dict, run_name: str, run: dict) -> dict:
+    resolved["train"]["method"] = run["method"]
+    resolved["train"]["seed"] = int(run.get("seed", 0))
+    resolved["run"] = run_name
+    return resolved
 
 
 def resolve_run(params: dict, run_name: str) -> dict:
@@ -197,12 +313,54 @@ def resolve_run(params: dict, run_name: str) -> dict:
     and no ``runs`` section, so it is exactly what ``run.json`` records.
     """
     runs = params.get("runs") or {}
-    if run_name not in runs:
-        choices = ", ".join(runs) or "(none declared)"
-        raise InputError("--run", f"unknown run '{run_name}'; runs declared in params: {choices}")
+    if not isinstance(runs, dict) or run_name not in runs:
+        choices = shorten(", ".join(map(str, runs)) if isinstance(runs, dict) and runs else "(none declared)", 300)
+        raise InputError("--run", f"unknown run {quote(run_name)}; runs declared in params: {choices}")
     run = runs[run_name]
     resolved = apply_overrides(_without_runs(params), run.get("set") or {}, source=f"runs.{run_name}.set")
-    resolved["train"]["method"] = run["method"]
-    resolved["train"]["seed"] = int(run.get("seed", 0))
-    resolved["run"] = run_name
-    return resolved
+    return _fill_run(resolved, run_name, run)
+
+
+def overwritten_by(resolved: dict, run_name: str, key: str) -> str | None:
+    """Where the value of ``key`` really comes from for this run, when it is not ``key`` itself.
+
+    ``resolved``: the run's settings (:func:`resolve_run`). None: an override
+    of ``key`` takes effect. These are every place the code replaces a params
+    value after the overrides are applied:
+
+    * ``train.seed``/``train.method``: the run entry (``runs.<name>.seed``/``.method``);
+    * ``boxinst.pairwise_color_thresh`` in a SIM run whose ``sim.pairwise_color_thresh``
+      (explicit, or the ``released_code`` variant's) is not null;
+    * a ``sim.*`` key that ``sim.variant: released_code`` governs, in a SIM run of that variant.
+    """
+    if key in RUN_ENTRY_KEYS:
+        return f"runs.{run_name}.{RUN_ENTRY_KEYS[key]}"
+    if resolved["train"]["method"] != "sim" or not isinstance(resolved.get("sim"), dict):
+        return None
+    from sim_core.sim.variants import RELEASED_CODE, resolve_sim_settings
+
+    sim = resolved["sim"]
+    if key == "boxinst.pairwise_color_thresh":
+        if resolve_sim_settings(sim, where=f"runs.{run_name}: sim").pairwise_color_thresh is not None:
+            return "sim.pairwise_color_thresh (a SIM run uses it instead; null keeps BoxInst's)"
+    elif key.startswith("sim.") and sim.get("variant") == "released_code":
+        sub = key[len("sim."):]
+        if sub in RELEASED_CODE and not _same_value(sim.get(sub), RELEASED_CODE[sub]):
+            return (f"sim.variant (variant 'released_code' uses {sub} = {quote(RELEASED_CODE[sub])}; "
+                    "use variant 'paper' to choose it)")
+    return None
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-6
+    return a == b
+
+
+def check_overrides(resolved: dict, run_name: str, keys: list[str], where: str, params_source: str) -> None:
+    """Refuse an override (``--set`` or a run's ``set:``) that the run would silently ignore."""
+    for key in keys:
+        owner = overwritten_by(resolved, run_name, key)
+        if owner is not None:
+            raise InputError(where, f"{quote(key)} would be ignored by run '{run_name}': "
+                                    f"it is set by {owner} in {params_source}")

@@ -23,6 +23,9 @@ writes such a dict next to the original and returns its path.
 
 ``tiny_coco_splits`` -> :class:`TinyCoco` whose ``train_ann`` holds images
 1, 2, 5, 6 and ``val_ann`` images 8, 9, 11, both over the same ``images/``.
+
+Under ``SIMBENCH_STRICT_SKIPS=1`` (set by ``.ci/run``) a skip for a missing
+TeX, ``pdfinfo`` or coco128 is a failure (``tests/strict_skips.py``).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
+from strict_skips import pytest_runtest_makereport  # noqa: F401 (the hook, registered by its name here)
 
 CATEGORIES = [
     {"id": 12, "name": "star", "supercategory": "shape"},

@@ -10,7 +10,9 @@ import types
 from pathlib import Path
 
 import pytest
+from strict_skips import COCO128_MISSING
 
+import sim_core.data.synthetic  # noqa: F401 (the real generator: a broken import fails here, never skips)
 from sim_core.data.coco import load_coco
 from sim_core.data.prepare import COCO128_HINT, prepare_coco, prepare_coco128, prepare_custom, prepare_synthetic
 from sim_core.data.summary import size_bin
@@ -168,7 +170,7 @@ def test_coco128_without_default_says_what_root_needs(tmp_path, monkeypatch):
 
 def test_coco128_real_default_root(tmp_path, monkeypatch):
     if not (COCO128 / "annotations" / "instances_train2017.json").is_file():
-        pytest.skip(f"coco128 not found at {COCO128.resolve()}")
+        pytest.skip(f"{COCO128_MISSING} {COCO128.resolve()}")
     monkeypatch.chdir(REPO)
     summary = prepare_coco128(tmp_path / "out")
     train, val = summary["splits"]["train"], summary["splits"]["val"]
@@ -208,7 +210,6 @@ def test_synthetic_failure_leaves_nothing(tiny_coco_splits, tmp_path, monkeypatc
 
 
 def test_synthetic_with_the_real_generator(tmp_path):
-    pytest.importorskip("sim_core.data.synthetic")
     cfg = {"num_train": 3, "num_val": 2, "image_size": 64, "preview_images": 2, "seed": 1}
     summary = prepare_synthetic(tmp_path / "out", cfg)
     assert (tmp_path / "out" / "preview.png").is_file()

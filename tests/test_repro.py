@@ -1,10 +1,12 @@
-"""``simbench repro``: how many runs go at once, in which order, on which GPUs, and what a failure does.
+"""``simbench repro``: how many runs go at once, in which order, on which GPUs, what a failure does,
+and what a second ``simbench repro`` in the same checkout does (stops naming the first, or waits).
 
 The end-to-end check (same dvc.lock state and the same metrics as a
 sequential ``dvc repro``) is in test_pipeline.py.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -117,3 +119,91 @@ def test_set_cpu_threads_follows_the_param():
         assert set_cpu_threads({"threads": 0}) == 1  # 0 keeps the current (default) count
     finally:
         torch.set_num_threads(before)
+
+
+# --- two `simbench repro` in one checkout ---------------------------------------------------------
+
+HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+os.pwrite(fd, f"{os.getpid()}\\n".encode(), 0)
+print("locked", flush=True)
+sys.stdin.readline() if sys.argv[2] == "until-told" else time.sleep(float(sys.argv[2]))
+"""
+
+
+def _checkout(tmp_path, monkeypatch) -> Path:
+    """A dvc-like checkout in tmp_path with demo params; no dvc command may run."""
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(_demo_params()))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(repro, "check_weights", lambda params: None, raising=False)
+    return params_path
+
+
+def _hold_lock(seconds: float | str):
+    import subprocess
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(repro.lock_path()), str(seconds)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_second_repro_stops_at_once_naming_the_holder(tmp_path, monkeypatch, capsys):
+    params_path = _checkout(tmp_path, monkeypatch)
+    monkeypatch.setattr(repro, "_reproduce", lambda queue, envs: pytest.fail("ran while another repro held the lock"))
+    holder = _hold_lock(60)
+    try:
+        code = main(["repro", "--params", str(params_path)])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert f"another simbench repro (pid {holder.pid}) is running" in err and "--wait" in err
+        assert repro.lock_path().read_text().strip() == str(holder.pid)  # the holder's record untouched
+    finally:
+        holder.kill()
+        holder.wait()
+    assert yaml.safe_load(params_path.read_text()) == _demo_params()
+
+
+def test_second_repro_waits_with_wait(tmp_path, monkeypatch, capsys):
+    params_path = _checkout(tmp_path, monkeypatch)
+    ran = []
+    monkeypatch.setattr(repro, "_reproduce", lambda queue, envs: ran.append(repro.lock_path().read_text()) or 0)
+    holder = _hold_lock("until-told")
+    real_flock = repro.fcntl.flock
+
+    def flock(fd, operation):  # the blocking wait begins: now let the holder finish
+        if operation == repro.fcntl.LOCK_EX:
+            holder.stdin.write("done\n")
+            holder.stdin.flush()
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(repro.fcntl, "flock", flock)
+    try:
+        assert main(["repro", "--wait", "--params", str(params_path)]) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"waiting for the simbench repro with pid {holder.pid}" in capsys.readouterr().out
+    assert ran == [f"{os.getpid()}\n"]  # it worked holding the lock itself
+    assert repro.lock_path().read_text() == ""  # released: no pid left behind
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path, monkeypatch):
+    _checkout(tmp_path, monkeypatch)
+    holder = _hold_lock(60)
+    holder.kill()
+    holder.wait()
+    with repro.repro_lock():  # taken at once: the kernel dropped the dead holder's lock
+        assert repro.lock_path().read_text().strip() == str(os.getpid())
+
+
+def test_lock_outside_a_dvc_checkout_creates_no_dvc_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with repro.repro_lock():
+        pass
+    assert not (tmp_path / ".dvc").exists()
