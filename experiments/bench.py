@@ -7,7 +7,8 @@ scikit-image per image, faster-coco-eval against pycocotools). Nothing here
 asserts a speed; tests never time anything.
 
 Sections (``--only`` picks some): ``methods``, ``engine_vs_torchvision``,
-``lab``, ``coco_eval``, ``data``, ``mask_grid``, ``memory``, ``ddp``, ``backbones``.
+``lab``, ``coco_eval``, ``data``, ``mask_grid``, ``memory``, ``ddp``, ``backbones``,
+``diagnostics`` (a step with vs without the supervision-quality diagnostics).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 SECTIONS = ("methods", "engine_vs_torchvision", "lab", "coco_eval", "data", "mask_grid", "memory", "ddp",
-            "backbones")
+            "backbones", "diagnostics")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

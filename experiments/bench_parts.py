@@ -78,6 +78,14 @@ def synthetic_batch(batch: int, size: int, seed: int = 0) -> tuple[list[torch.Te
 
 def _method_step(params: dict, method: str, images, targets, num_classes: int, iters: int,
                  overrides: dict | None = None) -> float:
+    step = _make_method_step(params, method, images, targets, num_classes, overrides)
+    return time_it(step, iters, warmup=3 if method == "sim" else 2)
+
+
+def _make_method_step(params: dict, method: str, images, targets, num_classes: int,
+                      overrides: dict | None = None) -> Callable[..., None]:
+    """A closure running one training iteration of ``method``; ``step(diagnose=True)`` also
+    computes the supervision-quality diagnostics (as the trainer does on logged iterations)."""
     from sim_core.config import apply_overrides
     from sim_core.engine.schedule import build_optimizer
     from sim_core.engine.trainer import autocast_dtype, method_config
@@ -99,7 +107,7 @@ def _method_step(params: dict, method: str, images, targets, num_classes: int, i
     iteration = [600]  # past every warm-up, so every loss term is active
     mixed = autocast_dtype(torch.device("cpu"), params["train"])  # as the trainer: bfloat16 with train.cpu_amp
 
-    def step() -> None:
+    def step(diagnose: bool = False) -> None:
         optimizer.zero_grad(set_to_none=True)
         ims, tgs = images, targets
         extras = None
@@ -107,7 +115,8 @@ def _method_step(params: dict, method: str, images, targets, num_classes: int, i
             ims, tgs = state.before_step(list(images), copy.deepcopy(targets), iteration[0])
             extras = state.extras()
         with torch.autocast("cpu", dtype=mixed or torch.float32, enabled=mixed is not None):
-            losses = model.training_losses(ims, tgs, loss_fn, iteration[0], max_iter, extras=extras)
+            losses = model.training_losses(ims, tgs, loss_fn, iteration[0], max_iter, extras=extras,
+                                           diagnose=diagnose)
         sum(losses.values()).backward()
         optimizer.step()
         if state is not None:
@@ -115,7 +124,7 @@ def _method_step(params: dict, method: str, images, targets, num_classes: int, i
         iteration[0] += 1
 
     model.train()
-    return time_it(step, iters, warmup=3 if method == "sim" else 2)
+    return step
 
 
 METHOD_VARIANTS = [
@@ -149,6 +158,44 @@ def bench_methods(s: BenchSettings) -> dict:
     base = out.get("mask")
     out["relative_to_mask"] = {k: round(v / base, 3) for k, v in out.items()
                                if isinstance(v, float) and isinstance(base, float)}
+    return out
+
+
+DIAGNOSTIC_METHODS = ("boxinst", "boxlevelset", "sim")
+
+
+def bench_diagnostics(s: BenchSettings) -> dict:
+    """Cost of the supervision-quality diagnostics: a training step with vs without them.
+
+    Steps with and without diagnostics alternate on one model (so both see the
+    same warm caches and, for SIM, the same state); medians of each. The
+    trainer diagnoses only every ``train.log_every`` iterations, so the cost
+    per training step is ``extra / log_every`` (``amortised_ratio``);
+    ``diagnosed_step_ratio`` is the cost on a diagnosed step itself.
+    """
+    images, targets = synthetic_batch(s.batch, s.size)
+    log_every = max(1, int(s.params.get("train", {}).get("log_every", 20)))
+    out: dict = {"unit": "seconds per training iteration", "batch": s.batch, "image_size": s.size,
+                 "log_every": log_every}
+    for method in DIAGNOSTIC_METHODS:
+        try:
+            step = _make_method_step(s.params, method, images, targets, 6)
+            for _ in range(3 if method == "sim" else 2):
+                step(False)
+                step(True)
+            plain, diagnosed = [], []
+            for _ in range(max(1, s.iters)):
+                for flag, samples in ((False, plain), (True, diagnosed)):
+                    tic = time.perf_counter()
+                    step(flag)
+                    samples.append(time.perf_counter() - tic)
+            t_plain, t_diag = statistics.median(plain), statistics.median(diagnosed)
+            extra = t_diag - t_plain
+            out[method] = {"step": round(t_plain, 4), "step_with_diagnostics": round(t_diag, 4),
+                           "diagnosed_step_ratio": round(extra / t_plain, 4),
+                           "amortised_ratio": round(extra / t_plain / log_every, 4)}
+        except Exception as exc:  # reported, not hidden
+            out[method] = f"failed: {type(exc).__name__}: {exc}"
     return out
 
 
