@@ -372,6 +372,75 @@ def supervision_quality_section(report: _Report, root: Path, curves: dict, smoot
             "tables": [table], "figures": [report.figure(paths, caption, 1.0)]}
 
 
+def upstream_pairs(params: dict, runs_dir: Path) -> list[dict]:
+    """Each ``upstream_runs`` entry with metrics, beside the simbench run it is compared with.
+
+    The partner is the entry's ``compare`` run, else the run of ``runs`` with the
+    same method, no ``set`` and the same seed (else any seed of it). Returns
+    ``[{"title", "method_name", "original": RunResult, "reimplementation": RunResult | None}]``.
+    """
+    from baselines.upstream import CODES
+
+    declared = params.get("upstream_runs") or {}
+    runs = params.get("runs") or {}
+    pairs = []
+    for name, entry in declared.items():
+        metrics = load_metrics(runs_dir / name / "metrics.json", name)
+        if metrics is None or not isinstance(entry, dict) or entry.get("code") not in CODES:
+            continue
+        code = CODES[entry["code"]]
+        partner = entry.get("compare")
+        if partner is None:
+            plain = [n for n, r in runs.items() if isinstance(r, dict) and r.get("method") == code["method"]
+                     and not r.get("set")]
+            same_seed = [n for n in plain if runs[n].get("seed", 0) == entry.get("seed", 0)]
+            partner = (same_seed or plain or [None])[0]
+        elif partner not in runs:
+            raise InputError("params.yaml", f"upstream_runs.{name}.compare names {partner!r}, not a run in `runs`")
+        reimpl = None
+        if partner is not None:
+            reimpl = RunResult(partner, runs[partner].get("seed"), load_metrics(runs_dir / partner / "metrics.json",
+                                                                                partner))
+            if reimpl.metrics is None:
+                reimpl = None
+        pairs.append({"title": code["title"], "method_name": f"{METHOD_NAMES.get(code['method'], code['method'])}",
+                      "original": RunResult(name, metrics.get("seed"), metrics), "reimplementation": reimpl})
+    return pairs
+
+
+def original_code_section(report: _Report, pairs: list[dict]) -> dict:
+    """Table "reimplementation vs original code" per (profile, dataset, split), with paired-bootstrap intervals."""
+    c = report.config
+    tables_out = []
+    for group in sorted({group_of(p["original"]) for p in pairs}):
+        profile, dataset, split = group
+        setting = Setting(profile, dataset, split)
+        gt_path = report.project / c["data_dirs"].get(dataset, f"data/{dataset}") / f"{split}.json"
+        gt = make_gt_api(load_gt(gt_path).to_dict(), "pycocotools") if gt_path.exists() else None
+        rows = []
+        for pair in (p for p in pairs if group_of(p["original"]) == group):
+            pair = dict(pair)
+            reimpl = pair["reimplementation"]
+            if reimpl is not None and group_of(reimpl) != group:
+                pair["reimplementation"] = reimpl = None
+            if gt is not None and reimpl is not None:
+                evals = {key: report._per_image(run, gt) for key, run in (("a", pair["original"]), ("b", reimpl))}
+                if all(evals.values()):
+                    result = bootstrap.paired_bootstrap({k: [v] for k, v in evals.items()},
+                                                        c["bootstrap_resamples"], c["bootstrap_seed"],
+                                                        c["bootstrap_confidence"])
+                    pair["interval"], pair["resamples"] = result["intervals"][0], result["resamples"]
+                    report.boot_json.append({"setting": dataclasses.asdict(setting), "table": "original_code",
+                                             "a": pair["original"].name, "b": reimpl.name, **result})
+            rows.append(pair)
+        slug = re.sub(r"[^a-z0-9]+", "-", f"{profile}-{dataset}-{split}".lower()).strip("-")
+        tables_out.append(report.table(f"original_code_{slug}", tables.original_code_table(
+            rows, setting, label=f"tab:original-code-{slug}")))
+    return {"title": "Reimplementation vs original code", "tables": tables_out, "figures": [],
+            "intro": ("The authors' own code bases (a user's checkout, never part of simbench) trained on the "
+                      "same data and schedule by \texttt{simbench upstream} and scored by the same evaluator.")}
+
+
 def run_report(params: dict, runs_dir: Path, out: Path) -> None:
     """Write tables, figures, bootstrap.json, report.tex and (with pdflatex) report.pdf to ``out``."""
     config, specs = report_config(params), run_specs(params)
@@ -391,6 +460,9 @@ def run_report(params: dict, runs_dir: Path, out: Path) -> None:
                          for n, r in results.items() if r.metrics is None]
         for group in groups:
             report.group(group, row_sets)
+        pairs = upstream_pairs(params, runs_dir)
+        if pairs:
+            report.sections.append(original_code_section(report, pairs))
         curves = {n: (s["method"], f) for n, s in specs.items() if (f := plots.load_curves(runs_dir / n)) is not None}
         if curves:
             paths = plots.plot_training_curves(curves, root / "figures" / "training_curves",

@@ -416,3 +416,46 @@ def supervision_quality_table(final: Sequence[tuple[str, int | None, dict[str, f
                "diagnostics (mask, box-as-mask, older runs) are not listed.")
     fmt = "lll" + "r" * len(columns)
     return render(cells, header, caption, label, fmt, rules)
+
+
+# ------------------------------------------------------------------- original code
+def original_code_table(pairs: Sequence[dict], setting: Setting, label: str = "tab:original-code") -> str:
+    """Reimplementation vs original code: each upstream run under the simbench run it is compared with.
+
+    ``pairs``: ``[{"title": str, "original": RunResult, "reimplementation":
+    RunResult | None, "interval": {"diff", "low", "high"} | None}]``; the
+    interval is the paired-bootstrap interval of AP(original) - AP(reimplementation)
+    (fractions). Rows of the original code are marked "original code".
+    """
+    columns = COCO_COLUMNS
+    cells, rules, resamples = [], [], None
+    for pair in pairs:
+        reimpl, orig = pair.get("reimplementation"), pair["original"]
+        method = latex_escape(pair.get("method_name") or orig.name)
+        for run, code in ((reimpl, "simbench"), (orig, "original code")):
+            if run is None:
+                cells.append([method, code, MISSING] + [MISSING] * len(columns) + [""])
+                continue
+            metrics = (run.metrics or {}).get("segm") or {}
+            values = [fmt_value(100.0 * metrics[c]) if metrics.get(c) is not None and metrics[c] >= 0 else MISSING
+                      for c in columns]
+            extra = ""
+            if code == "original code":
+                interval = pair.get("interval")
+                if interval is not None and reimpl is not None:
+                    text = f"[${interval['low'] * 100:+.1f}$, ${interval['high'] * 100:+.1f}$]"
+                    excl = interval["low"] > 0 or interval["high"] < 0
+                    extra = fmt_delta(interval["diff"] * 100) + " " + (rf"\textbf{{{text}}}" if excl else text)
+                    resamples = pair.get("resamples", resamples)
+                elif reimpl is not None and metrics.get("AP") is not None:
+                    ref = ((reimpl.metrics or {}).get("segm") or {}).get("AP")
+                    extra = fmt_delta(100.0 * (metrics["AP"] - ref)) if ref is not None else MISSING
+            cells.append([method if code == "simbench" else "", code, latex_escape(run.name)] + values + [extra])
+        rules.append(len(cells) - 1)
+    caption = (f"Reimplementation vs original code: mask AP (\\%) on {setting.describe()}, simbench's evaluator "
+               "for both; rows \\textit{original code} are the authors' code bases trained on the same data "
+               "and schedule (\\texttt{simbench upstream}, settings and patches in each run's run.json). "
+               r"$\Delta$AP = original $-$ simbench with its paired-bootstrap interval over validation images")
+    caption += f" ({resamples} resamples); bold where it excludes 0." if resamples else "; bold where it excludes 0."
+    header = ["Method", "Code", "Run"] + [HEADERS[c] for c in columns] + [r"$\Delta$AP [interval]"]
+    return render(cells, header, caption, label, "lll" + "r" * len(columns) + "l", rules)

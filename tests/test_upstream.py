@@ -1,0 +1,234 @@
+"""`simbench upstream` against a fake upstream (tests/fixtures/fake_upstream): no detectron2 in CI.
+
+The fake mimics the entry points the verb uses (register_coco_instances,
+default_argument_parser, launch, tools/train_net.py main, adet._C) and writes
+``inference/coco_instances_results.json`` from the ground truth, so the whole
+path runs: environment check, config translation, private copy and patch,
+subprocess with streamed log, import, evaluation, report rows.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from baselines import upstream
+from sim_core.cli import main as cli_main
+from sim_core.errors import InputError
+
+FAKE = Path(__file__).resolve().parent / "fixtures" / "fake_upstream"
+
+
+@pytest.fixture
+def fake_env(tmp_path, monkeypatch):
+    """Two copies of the fake checkout (adelaidet, sim) and the fake detectron2 on PYTHONPATH."""
+    monkeypatch.setenv("PYTHONPATH", str(FAKE / "site"))
+    roots = {}
+    for code in ("adelaidet", "sim"):
+        roots[code] = tmp_path / f"{code}_checkout"
+        shutil.copytree(FAKE / "checkout", roots[code])
+    return roots
+
+
+def _params(smoke_params: dict, roots: dict, runs: dict) -> dict:
+    params = json.loads(json.dumps(smoke_params))
+    params["upstream"]["python"] = sys.executable
+    params["upstream"]["adelaidet"]["root"] = str(roots["adelaidet"])
+    params["upstream"]["sim"]["root"] = str(roots["sim"])
+    params["upstream_runs"] = runs
+    return params
+
+
+def _opts(flat: list[str]) -> dict:
+    return dict(zip(flat[0::2], flat[1::2]))
+
+
+# ------------------------------------------------------------------------------ translation
+def test_translate_shared_settings(smoke_params):
+    resolved = json.loads(json.dumps(smoke_params))
+    resolved["model"]["backbone"] = "resnet18"
+    t = resolved["train"]
+    opts, differences = upstream.translate(resolved, "adelaidet", num_classes=6)
+    o = _opts(opts)
+    assert o["SOLVER.MAX_ITER"] == str(t["max_iter"]) and o["SOLVER.IMS_PER_BATCH"] == str(t["batch_size"])
+    assert float(o["SOLVER.BASE_LR"]) == t["lr"]
+    assert o["SOLVER.STEPS"] == "(" + ", ".join(map(str, t["steps"])) + ",)"
+    assert o["SOLVER.WARMUP_ITERS"] == str(t["warmup_iters"])
+    assert o["INPUT.MIN_SIZE_TRAIN"] == f"({resolved['data']['train_sizes'][0]},)"
+    assert o["INPUT.MIN_SIZE_TEST"] == str(resolved["data"]["test_size"])
+    assert o["SEED"] == str(t["seed"]) and o["MODEL.FCOS.NUM_CLASSES"] == "6"
+    assert o["MODEL.RESNETS.DEPTH"] == "18" and o["MODEL.RESNETS.RES2_OUT_CHANNELS"] == "64"
+    assert o["MODEL.WEIGHTS"] == '""' and o["MODEL.RESNETS.NORM"] == "BN"  # pretrained: none
+    assert o["MODEL.FPN.OUT_CHANNELS"] == str(resolved["model"]["fpn_channels"])
+    assert o["MODEL.FCOS.TOP_LEVELS"] == str(len(resolved["model"]["fpn_levels"]) - 3)
+    expected_warmup = resolved["boxinst"]["pairwise_warmup_iters"]
+    if expected_warmup is None:
+        expected_warmup = round(resolved["boxinst"]["pairwise_warmup_frac"] * t["max_iter"])
+    assert o["MODEL.BOXINST.PAIRWISE.WARMUP_ITERS"] == str(expected_warmup)
+    assert o["DATASETS.TRAIN"] == '("simbench_train",)'
+    if t["optimizer"] != "sgd":
+        assert any("SGD" in d for d in differences)
+    # every value is something detectron2's literal_eval-based merge reads back
+    import ast
+    for key, value in o.items():
+        if key not in ("INPUT.MIN_SIZE_TRAIN_SAMPLING", "MODEL.RESNETS.NORM", "MODEL.FCOS.NORM"):
+            ast.literal_eval(value)
+
+
+def test_translate_refuses_backbones_detectron2_does_not_build(smoke_params):
+    resolved = json.loads(json.dumps(smoke_params))
+    resolved["model"]["backbone"] = "resnet_tiny"
+    with pytest.raises(InputError, match="no detectron2 counterpart"):
+        upstream.translate(resolved, "adelaidet", num_classes=6)
+
+
+def test_sim_patch_scales_the_constants_on_a_copy(tmp_path, smoke_params):
+    resolved = json.loads(json.dumps(smoke_params))
+    resolved["train"]["max_iter"] = 700
+    copy = upstream.private_copy(FAKE / "checkout", tmp_path / "copy")
+    diff = upstream.apply_patches(copy, upstream.sim_patches(resolved, scatter_standin=True))
+    head = (copy / "adet/modeling/condinst/dynamic_mask_head.py").read_text()
+    assert "self._iter > 78:" in head and "float(2100)" in head
+    assert f"momentum={float(resolved['sim']['proto_momentum'])!r}" in head
+    assert "torch_scatter" not in head.split("def scatter_mean")[0]
+    assert f"alpha = {float(resolved['sim']['ema_momentum'])!r}" in (copy / "adet/modeling/condinst/condinst.py").read_text()
+    assert "-        if self._iter > 10000:" in diff and "+        if self._iter > 78:" in diff
+    assert "10000" in (FAKE / "checkout/adet/modeling/condinst/dynamic_mask_head.py").read_text()  # untouched
+
+
+def test_patch_refuses_a_checkout_that_differs(tmp_path, smoke_params):
+    copy = upstream.private_copy(FAKE / "checkout", tmp_path / "copy")
+    path = copy / "adet/modeling/condinst/condinst.py"
+    path.write_text(path.read_text().replace("0.9999", "0.99"))
+    with pytest.raises(InputError, match="differs from the reviewed release"):
+        upstream.apply_patches(copy, upstream.sim_patches(smoke_params))
+
+
+def test_cpp_fixes(tmp_path):
+    csrc = tmp_path / "adet" / "layers" / "csrc" / "ops"
+    csrc.mkdir(parents=True)
+    (csrc / "op.h").write_text("if (input.type().is_cuda()) {\n")
+    (csrc / "op_cpu.cpp").write_text('AT_DISPATCH_FLOATING_TYPES_AND_HALF(grad.type(), "op", [&] {\n')
+    edits = upstream.fix_cpp_sources(tmp_path)
+    assert edits == {"adet/layers/csrc/ops/op.h": 1, "adet/layers/csrc/ops/op_cpu.cpp": 1}
+    assert (csrc / "op.h").read_text() == "if (input.is_cuda()) {\n"
+    assert "grad.scalar_type()" in (csrc / "op_cpu.cpp").read_text()
+
+
+# -------------------------------------------------------------------------------- environment
+def test_without_a_checkout_the_verb_explains_in_one_line(tmp_path, smoke_params, capsys):
+    params_path = tmp_path / "params.yaml"
+    import yaml
+    params_path.write_text(yaml.safe_dump(smoke_params))
+    assert cli_main(["upstream", "--params", str(params_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "upstream.adelaidet.root" in err
+    assert cli_main(["upstream", "check", "--code", "sim", "--params", str(params_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "upstream.sim.root" in err and "lslrh/SIM" in err
+
+
+def test_missing_detectron2_is_named(fake_env, monkeypatch):
+    monkeypatch.delenv("PYTHONPATH")
+    section = {"python": sys.executable, "adelaidet": {"root": str(fake_env["adelaidet"])}}
+    with pytest.raises(InputError, match="detectron2 is missing.*pip install --no-build-isolation"):
+        upstream.check_environment("adelaidet", section)
+
+
+def test_unbuilt_ops_are_named(fake_env):
+    (fake_env["adelaidet"] / "adet" / "_C.py").unlink()
+    section = {"python": sys.executable, "adelaidet": {"root": str(fake_env["adelaidet"])}}
+    with pytest.raises(InputError, match=r"adet\._C is missing.*simbench upstream setup"):
+        upstream.check_environment("adelaidet", section)
+
+
+# ------------------------------------------------------------------------------ the whole path
+def test_adelaidet_run_end_to_end(fake_env, smoke_params, tmp_path):
+    params = _params(smoke_params, fake_env, {"boxinst_orig_s0": {"code": "adelaidet", "seed": 3,
+                                                                  "set": {"model.backbone": "resnet50"}}})
+    echo = io.StringIO()
+    record = upstream.run_upstream(params, "boxinst_orig_s0", echo=echo)
+    run_dir = Path(params["train"]["runs_dir"]) / "boxinst_orig_s0"
+    assert "fake d2.utils.events: iter: 0" in echo.getvalue()  # the log is streamed ...
+    assert "fake evaluator" in (run_dir / "upstream" / "log.txt").read_text()  # ... and kept
+    assert record["segm"]["AP"] == pytest.approx(1.0) and record["external"] and record["original_code"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["method"] == "boxinst" and metrics["seed"] == 3 and metrics["profile"] == "smoke"
+    assert (run_dir / "segm.json").is_file() and (run_dir / "bbox.json").is_file()
+    fake = json.loads((run_dir / "upstream" / "output" / "fake_record.json").read_text())
+    assert fake["opts"]["SEED"] == "3" and fake["opts"]["MODEL.RESNETS.DEPTH"] == "50"
+    assert fake["opts"]["MODEL.DEVICE"] in ("cpu", "cuda") and fake["threads"] == "1"
+    assert fake["datasets"]["simbench_val"]["json_file"].endswith("val.json")
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["upstream"]["code"] == "adelaidet" and run["upstream"]["private_copy"] is None
+    assert run["upstream"]["opts"][run["upstream"]["opts"].index("SOLVER.MAX_ITER") + 1] == str(
+        params["train"]["max_iter"])
+    assert run["patch_diff"] is None
+
+
+def test_sim_run_patches_a_private_copy(fake_env, smoke_params):
+    params = _params(smoke_params, fake_env, {"sim_orig_s0": {"code": "sim", "set": {
+        "model.backbone": "resnet50", "train.max_iter": 700, "train.steps": [525, 630]}}})
+    upstream.run_upstream(params, "sim_orig_s0", echo=None)
+    run_dir = Path(params["train"]["runs_dir"]) / "sim_orig_s0"
+    fake = json.loads((run_dir / "upstream" / "output" / "fake_record.json").read_text())
+    assert fake["sim"]["start"] == 78 and fake["sim"]["span"] == 2100
+    assert fake["sim"]["alpha"] == params["sim"]["ema_momentum"]
+    assert fake["sim"]["momentum"] == params["sim"]["proto_momentum"]
+    assert fake["sim"]["scatter_mean"] == [2.0, 5.0]  # the stand-in (torch_scatter is not installed here)
+    run = json.loads((run_dir / "run.json").read_text())
+    assert "10000 -> 78" in " ".join(run["upstream"]["patch"]) and run["patch_diff"]
+    assert (run_dir / "upstream" / "patch.diff").read_text() == run["patch_diff"]
+    assert "10000" in (fake_env["sim"] / "adet/modeling/condinst/dynamic_mask_head.py").read_text()
+
+
+def test_failed_upstream_run_is_one_line_with_the_log_tail(fake_env, smoke_params, monkeypatch):
+    monkeypatch.setenv("FAKE_UPSTREAM_FAIL", "1")
+    params = _params(smoke_params, fake_env, {"u": {"code": "adelaidet", "set": {"model.backbone": "resnet50"}}})
+    with pytest.raises(InputError, match="upstream run failed.*no kernel image"):
+        upstream.run_upstream(params, "u", echo=None)
+
+
+def test_cli_and_report_rows(fake_env, smoke_params, tmp_path, capsys):
+    """simbench upstream --run through the CLI, then the report's 'reimplementation vs original code' rows."""
+    import yaml
+
+    from experiments.report import upstream_pairs
+
+    params = _params(smoke_params, fake_env, {"boxinst_orig_s0": {"code": "adelaidet",
+                                                                  "set": {"model.backbone": "resnet50"}}})
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    assert cli_main(["upstream", "--run", "boxinst_orig_s0", "--params", str(params_path), "--quiet"]) == 0
+    assert "segm  AP=100.0" in capsys.readouterr().out
+    runs_dir = Path(params["train"]["runs_dir"])
+    # a reimplementation run with metrics of its own (here: the same results, so the difference is 0)
+    reimpl = runs_dir / "boxinst_s0"
+    reimpl.mkdir(parents=True)
+    metrics = json.loads((runs_dir / "boxinst_orig_s0" / "metrics.json").read_text())
+    metrics.update(external=False, original_code=False, run="boxinst_s0")
+    (reimpl / "metrics.json").write_text(json.dumps(metrics))
+    shutil.copy(runs_dir / "boxinst_orig_s0" / "segm.json", reimpl / "segm.json")
+    pairs = upstream_pairs(params, runs_dir)
+    assert [(p["original"].name, p["reimplementation"].name) for p in pairs] == [("boxinst_orig_s0", "boxinst_s0")]
+
+    from reports import tables
+    from reports.tables import Setting
+    text = tables.original_code_table([{**p, "interval": {"diff": 0.0, "low": -0.01, "high": 0.01}} for p in pairs],
+                                      Setting("smoke", "synthetic", "val"))
+    assert "original code" in text and "reimplementation vs original code" in text.lower()
+    assert "100.0" in text and "[$-1.0$, $+1.0$]" in text
+
+    from experiments.report import run_report
+    params["report"]["data_dirs"]["synthetic"] = params["data"]["root"]
+    params["report"]["bootstrap_resamples"] = 20
+    params["runs"] = {"boxinst_s0": {"method": "boxinst", "seed": 0}}
+    run_report(params, runs_dir, tmp_path / "out")
+    table = next((tmp_path / "out" / "tables").glob("original_code_*.tex")).read_text()
+    assert "original code" in table and "boxinst\\_orig\\_s0" in table and "[$+0.0$, $+0.0$]" in table
+    boot = json.loads((tmp_path / "out" / "bootstrap.json").read_text())
+    assert any(t["table"] == "original_code" for t in boot["tables"])
