@@ -173,10 +173,22 @@ def bench_diagnostics(s: BenchSettings) -> dict:
     per training step is ``extra / log_every`` (``amortised_ratio``);
     ``diagnosed_step_ratio`` is the cost on a diagnosed step itself.
     """
+    from sim_core.engine.seeding import set_cpu_threads
+
     images, targets = synthetic_batch(s.batch, s.size)
     log_every = max(1, int(s.params.get("train", {}).get("log_every", 20)))
+    before = torch.get_num_threads()
+    threads = set_cpu_threads(s.params.get("train", {}))  # the trainer's thread count (train.threads)
     out: dict = {"unit": "seconds per training iteration", "batch": s.batch, "image_size": s.size,
-                 "log_every": log_every}
+                 "log_every": log_every, "threads": threads}
+    try:
+        _time_diagnostics(s, images, targets, log_every, out)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def _time_diagnostics(s: BenchSettings, images, targets, log_every: int, out: dict) -> None:
     for method in DIAGNOSTIC_METHODS:
         try:
             step = _make_method_step(s.params, method, images, targets, 6)
@@ -196,7 +208,6 @@ def bench_diagnostics(s: BenchSettings) -> dict:
                            "amortised_ratio": round(extra / t_plain / log_every, 4)}
         except Exception as exc:  # reported, not hidden
             out[method] = f"failed: {type(exc).__name__}: {exc}"
-    return out
 
 
 def bench_engine_vs_torchvision(s: BenchSettings) -> dict:
