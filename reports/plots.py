@@ -162,15 +162,23 @@ def family_title(family: str) -> str:
     return SQ_FAMILY_TITLES.get(family, family.replace("_", " ") or "targets")
 
 
-def final_quality(frame: pd.DataFrame) -> tuple[int | None, dict[str, float]]:
-    """Last logged value of every ``sq/`` column (without the prefix) and the last iteration with any."""
+FINAL_WINDOW = 10  # logged values averaged into a run's final supervision quality
+
+
+def final_quality(frame: pd.DataFrame, window: int = FINAL_WINDOW) -> tuple[int | None, dict[str, float]]:
+    """Final value of every ``sq/`` column (without the prefix) and the last iteration with any.
+
+    The mean of the last ``window`` logged values, because each logged value
+    scores one batch (8 images in the demo), which moves by several points
+    from one log to the next.
+    """
     out: dict[str, float] = {}
     last = None
     for column in quality_columns(frame):
         series = frame[column].dropna()
         if series.empty:
             continue
-        out[column[len(SQ_PREFIX):]] = float(series.iloc[-1])
+        out[column[len(SQ_PREFIX):]] = float(series.iloc[-window:].mean())
         last = max(last or 0, int(series.index[-1]))
     return last, out
 

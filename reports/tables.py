@@ -407,7 +407,8 @@ def supervision_quality_table(final: Sequence[tuple[str, int | None, dict[str, f
         if families:
             rules.append(len(cells) - 1)
     header = ["Run", "Iter.", "Targets"] + [head for _, head in columns]
-    caption = ("Supervision quality at the last logged iteration (\\%), each method's own mask targets against "
+    caption = ("Supervision quality at the end of training (\\%, mean of the last 10 logged values, one batch "
+               "each; Iter. is the last of them), each method's own mask targets against "
                "the ground-truth masks (non-pasted instances, pooled over the pixels or pairs of a batch). "
                "Pairs: neighbour pairs BoxInst's pairwise term keeps as same label (precision; recall among "
                "the in-box pairs that share the GT label). SIM: in-box pseudo labels from $M_S$, $M_I$ and $M$ "

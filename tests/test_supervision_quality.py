@@ -228,13 +228,16 @@ def test_quality_figure_and_table_with_and_without_keys(tmp_path):
     assert plots.quality_key("sq/MS_fg_recall") == ("MS", "fg_recall")
     assert plots.quality_key("levelset_feat_fg_iou") == ("levelset_feat", "fg_iou")
     assert plots.quality_key("sq/something_new") == ("something_new", "value")
-    assert plots.final_quality(frame) == (10, {"pair_precision": 0.75, "MS_fg_recall": 0.3,
-                                               "levelset_feat_fg_iou": 0.3})
+    # the mean of the last logged values (default window 10: all of them here), NaN rows skipped
+    assert plots.final_quality(frame) == (10, {"pair_precision": 0.625, "MS_fg_recall": 0.25,
+                                               "levelset_feat_fg_iou": pytest.approx(0.2)})
+    assert plots.final_quality(frame, window=1) == (10, {"pair_precision": 0.75, "MS_fg_recall": 0.3,
+                                                         "levelset_feat_fg_iou": 0.3})
     paths = plots.plot_supervision_quality({"sim_s0": ("sim", frame)}, tmp_path / "sq")
     assert sorted(p.suffix for p in paths) == [".pdf", ".png"] and all(p.stat().st_size > 1000 for p in paths)
     no_keys = pd.DataFrame({"loss": [1.0]}, index=[0])
     assert plots.plot_supervision_quality({"mask_s0": ("mask", no_keys)}, tmp_path / "none") is None
-    tex = tables.supervision_quality_table([("sim_s0", 10, plots.final_quality(frame)[1])])
+    tex = tables.supervision_quality_table([("sim_s0", 10, plots.final_quality(frame, window=1)[1])])
     assert r"\toprule" in tex and r"\bottomrule" in tex
     assert "sim\\_s0 & 10 & BoxInst pairs & 75.0 & ---" in tex
     assert "SIM $M_S$" in tex and "level set, features" in tex
