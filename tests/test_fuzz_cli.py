@@ -4,7 +4,9 @@ Strategies start from valid files (the tiny COCO set of conftest.py and a
 results file that scores on it) and corrupt them: drop, duplicate and retype
 keys; NaN, infinities, huge and negative numbers; unicode and path tricks in
 names; truncated text. Each example runs ``simbench evaluate``, ``import`` or
-``prepare custom`` in-process (``sim_core.cli.main``) with captured output.
+``prepare custom`` in-process (``sim_core.cli.main``) with captured output;
+the packaged demo params, corrupted the same way and written as YAML, go
+through ``simbench repro --dry`` and ``simbench train``.
 
 Property: exit 0 with valid outputs, or exit 2 with exactly one stderr line;
 never a traceback or another exit code, never longer than the per-example
@@ -278,3 +280,56 @@ def test_weird_values_cover_the_issue():
     floats = [v for v in pool if isinstance(v, float)]
     assert any(math.isnan(v) for v in floats) and any(math.isinf(v) for v in floats)
     assert any(isinstance(v, str) and ".." in v for v in pool) and 10**30 in pool and -1 in pool
+
+
+@pytest.fixture(scope="module")
+def demo_params():
+    """The packaged demo profile as plain data (the schema every params file is checked against)."""
+    import yaml
+
+    from sim_core.config import profile_path
+
+    return yaml.safe_load(profile_path("demo").read_text(encoding="utf-8"))
+
+
+def _as_yaml(text: str) -> str:
+    """The corrupted JSON text as YAML a user would write (PyYAML reads JSON's ``1e-05`` as a string);
+    truncated text stays as it is. Values shared by a "duplicate" edit become YAML aliases."""
+    import yaml
+
+    try:
+        return yaml.safe_dump(json.loads(text), allow_unicode=True)
+    except ValueError:
+        return text
+
+
+@pytest.mark.parametrize("verb", ["repro", "train"])
+def test_fuzz_params(base, demo_params, verb):
+    """Corrupted params files through ``repro --dry`` and ``train``.
+
+    ``train`` points ``data.root`` at a folder that does not exist, so a params
+    file that passes every check still stops (exit 2, naming the missing
+    annotation file) before any work: either way nothing may be written.
+    """
+
+    @_given(st.data())
+    def check(data):
+        with workdir() as work:
+            params = work / "params.yaml"
+            params.write_text(_as_yaml(data.draw(corrupted(demo_params))))
+            nothing = work / "nothing-may-be-written"
+            if verb == "repro":
+                argv = ["repro", "--dry", "--params", str(params)]
+            else:
+                run = data.draw(st.sampled_from(["mask_s0", "sim_s0", "../escaped", "é", ""]))
+                argv = ["train", "--run", run, "--params", str(params), "--no-progress",
+                        "--set", f"data.root={work / 'no-data'}"]
+            code, _ = run_cli(argv, work, nothing)
+            assert verb == "repro" or code == 2  # train never gets past the missing data
+            assert not nothing.exists() and not (work / "runs").exists()
+
+    if verb == "repro":  # the uncorrupted file passes, so exit 0 is reachable for the property
+        with workdir() as work:
+            (work / "params.yaml").write_text(_as_yaml(json.dumps(demo_params)))
+            assert run_cli(["repro", "--dry", "--params", str(work / "params.yaml")], work, work / "x")[0] == 0
+    check()
