@@ -114,7 +114,9 @@ PAPER_NAMES = [n for n in available_profiles() if n.startswith(("coco_r", "coco_
 @pytest.mark.parametrize("name", available_profiles())
 def test_weights_warmup_and_thresh_with_ctr(name):
     p = load_params(profile_path(name))
-    assert p["model"]["thresh_with_ctr"] is True  # AdelaiDet's BoxInst configs: FCOS.THRESH_WITH_CTR True
+    # AdelaiDet's BoxInst configs: FCOS.THRESH_WITH_CTR True; smoke's 6 iterations leave class x centerness
+    # below the score threshold everywhere (no predictions, nothing for its pipeline test to compare)
+    assert p["model"]["thresh_with_ctr"] is (name != "smoke")
     if name in PAPER_NAMES:
         expected = "ResNet50_Weights.IMAGENET1K_V2" if name in OWN_RECIPE else "imagenet"
         assert p["model"]["pretrained"] == expected
