@@ -44,24 +44,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from sim_core.errors import InputError
+from sim_core.errors import InputError, quote
 
 MAX_PIXELS = 2**31 - 1  # pycocotools stores run lengths as 32-bit integers
 MAX_ID = 2**63 - 1
 MAX_CHARS_PER_COUNT = 7  # what pycocotools writes for any count below 2^31
 IOU_TYPES = ("segm", "bbox")
 _BYTES_REPR = re.compile(r"^b(['\"]).*\1$", re.DOTALL)
-
-
-def show(value: Any, limit: int = 100) -> str:
-    """``repr`` of a user value cut to about ``limit`` characters (never a line break)."""
-    text = repr(value) if not isinstance(value, (list, dict)) or len(value) < 50 else _short_repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _short_repr(value: list | dict) -> str:
-    head = list(value)[:20] if isinstance(value, dict) else value[:20]
-    return f"{type(value).__name__} of {len(value)} starting {head!r}"
 
 
 def is_int(value: Any) -> bool:
@@ -89,13 +78,13 @@ def read_json(path: str | Path, what: str = "annotation") -> Any:
     except IsADirectoryError:
         raise InputError(path, f"{what} file is a directory") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"cannot read {what} file ({show(str(exc))})") from None
+        raise InputError(path, f"cannot read {what} file ({quote(str(exc))})") from None
     try:
         return json.loads(text, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
         raise InputError(path, f"{what} is not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
     except ValueError as exc:  # NaN/Infinity literals, integers with too many digits
-        raise InputError(path, f"{what} is not valid JSON ({show(str(exc))})") from None
+        raise InputError(path, f"{what} is not valid JSON ({quote(str(exc))})") from None
     except RecursionError:
         raise InputError(path, f"{what} is not usable JSON (nested too deeply)") from None
 
@@ -180,12 +169,12 @@ def check_gt(raw: Any, where: str | Path, purpose: str = "evaluate",
 
 def _record(kind: str, index: int, rec: Any) -> str:
     ident = rec.get("id") if isinstance(rec, dict) else None
-    return f"{kind}[{index}] (id {show(ident, 40)})" if ident is not None else f"{kind}[{index}]"
+    return f"{kind}[{index}] (id {quote(ident, 40)})" if ident is not None else f"{kind}[{index}]"
 
 
 def _check_id(where: str, record: str, value: Any, what: str = "'id'") -> int:
     if not is_int(value) or not 0 <= value <= MAX_ID:
-        raise InputError(where, f"{what} must be a non-negative integer, got {show(value)}", record=record)
+        raise InputError(where, f"{what} must be a non-negative integer, got {quote(value)}", record=record)
     return int(value)
 
 
@@ -220,14 +209,14 @@ def _check_images(where: str, records: list) -> dict[int, dict]:
         name = img.get("file_name")
         if not isinstance(name, str) or not name:
             raise InputError(where, "image record needs a non-empty 'file_name'", record=record)
-        record = f"images[{index}] (id {image_id}, {show(name, 60)})"
+        record = f"images[{index}] (id {image_id}, {quote(name, 60)})"
         pure = PurePosixPath(name)
         if pure.is_absolute() or ".." in pure.parts or "\\" in name or any(ord(ch) < 32 for ch in name):
             raise InputError(where, "file_name must be a relative path inside the image folder "
                                     "(no '..', no absolute path, no control characters)", record=record)
         for key in ("width", "height"):
             if not is_int(img.get(key)) or img[key] <= 0:
-                raise InputError(where, f"'{key}' must be a positive integer, got {show(img.get(key))}", record=record)
+                raise InputError(where, f"'{key}' must be a positive integer, got {quote(img.get(key))}", record=record)
         if img["width"] * img["height"] > MAX_PIXELS:
             raise InputError(where, f"image of {img['width']}x{img['height']} pixels is larger than "
                                     f"COCO's RLE can describe ({MAX_PIXELS} pixels)", record=record)
@@ -251,16 +240,16 @@ def _check_annotation(where: str, index: int, ann: Any, images: dict[int, dict],
     seen.add(ann_id)
     image_id = ann["image_id"]
     if not is_int(image_id) or image_id not in images:
-        raise InputError(where, f"image_id {show(image_id)} is not in 'images'", record=record)
+        raise InputError(where, f"image_id {quote(image_id)} is not in 'images'", record=record)
     if not is_int(ann["category_id"]) or ann["category_id"] not in cat_ids:
-        raise InputError(where, f"category_id {show(ann['category_id'])} is not in 'categories'", record=record)
+        raise InputError(where, f"category_id {quote(ann['category_id'])} is not in 'categories'", record=record)
     crowd = ann.get("iscrowd", 0)
     if not is_int(crowd) or crowd not in (0, 1):
-        raise InputError(where, f"iscrowd must be 0 or 1, got {show(crowd)}", record=record)
+        raise InputError(where, f"iscrowd must be 0 or 1, got {quote(crowd)}", record=record)
     check_box(where, record, ann["bbox"])
     area = ann.get("area")
     if area is not None and (not is_number(area) or area < 0):
-        raise InputError(where, f"area must be a finite non-negative number, got {show(area)}", record=record)
+        raise InputError(where, f"area must be a finite non-negative number, got {quote(area)}", record=record)
     cleaned = dict(ann)
     cleaned["iscrowd"] = int(crowd)
     if "segmentation" in ann:
@@ -272,11 +261,11 @@ def _check_annotation(where: str, index: int, ann: Any, images: dict[int, dict],
 def check_box(where: str | Path, record: str, bbox: Any) -> list[float]:
     """``[x, y, w, h]``: four finite numbers, width and height >= 0."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        raise InputError(where, f"bbox must be [x, y, width, height] (4 numbers), got {show(bbox)}", record=record)
+        raise InputError(where, f"bbox must be [x, y, width, height] (4 numbers), got {quote(bbox)}", record=record)
     if not all(is_number(v) for v in bbox):
-        raise InputError(where, f"bbox {show(bbox)} has a non-finite or non-numeric value", record=record)
+        raise InputError(where, f"bbox {quote(bbox)} has a non-finite or non-numeric value", record=record)
     if bbox[2] < 0 or bbox[3] < 0:
-        raise InputError(where, f"bbox {show(bbox)} has negative width or height (expected [x, y, w, h])",
+        raise InputError(where, f"bbox {quote(bbox)} has negative width or height (expected [x, y, w, h])",
                          record=record)
     return [float(v) for v in bbox]
 
@@ -289,7 +278,7 @@ def check_segmentation(where: str, record: str, segm: Any, height: int, width: i
         for part_index, part in enumerate(segm):
             if not isinstance(part, list) or not all(is_number(v) for v in part):
                 raise InputError(where, f"polygon {part_index} must be a flat list of finite numbers, "
-                                        f"got {show(part)}", record=record)
+                                        f"got {quote(part)}", record=record)
             if len(part) % 2:
                 raise InputError(where, f"polygon {part_index} needs an even number of finite coordinates, "
                                         f"got {len(part)}", record=record)
@@ -356,9 +345,9 @@ def check_rle(where: str | Path, record: str, segm: Any, image_hw: tuple[int, in
         raise InputError(where, "segmentation must be an RLE object with 'size' and 'counts'", record=record)
     size = segm["size"]
     if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(is_int(v) for v in size):
-        raise InputError(where, f"RLE needs 'size' [height, width], got {show(size)}", record=record)
+        raise InputError(where, f"RLE needs 'size' [height, width], got {quote(size)}", record=record)
     if (int(size[0]), int(size[1])) != tuple(image_hw):
-        raise InputError(where, f"RLE size {show(size)} differs from the image size {list(image_hw)} "
+        raise InputError(where, f"RLE size {quote(size)} differs from the image size {list(image_hw)} "
                                 "[height, width]", record=record)
     total = image_hw[0] * image_hw[1]
     try:
@@ -521,7 +510,7 @@ def check_results(results: Any, gt: Any, where: str | Path, iou_type: str | None
     for i, rec in enumerate(results):
         if not isinstance(rec, dict):
             raise InputError(where, f"record is a {type(rec).__name__}, not an object", record=f"record {i}")
-        record = f"record {i} (image_id {show(rec.get('image_id'), 40)})"
+        record = f"record {i} (image_id {quote(rec.get('image_id'), 40)})"
         missing = [k for k in required if k not in rec]
         if missing:
             needed = f" (needed for {iou_type} evaluation)" if iou_type else ""
@@ -530,12 +519,12 @@ def check_results(results: Any, gt: Any, where: str | Path, iou_type: str | None
             raise InputError(where, "record has neither 'segmentation' nor 'bbox'", record=record)
         image_id = rec["image_id"]
         if not is_int(image_id) or int(image_id) not in sizes:
-            raise InputError(where, f"image_id {show(image_id)} is not an image of the ground truth", record=record)
+            raise InputError(where, f"image_id {quote(image_id)} is not an image of the ground truth", record=record)
         if not is_int(rec["category_id"]) or int(rec["category_id"]) not in cats:
-            raise InputError(where, f"category_id {show(rec['category_id'])} is not a category of the ground truth",
+            raise InputError(where, f"category_id {quote(rec['category_id'])} is not a category of the ground truth",
                              record=record)
         if not is_number(rec["score"]):
-            raise InputError(where, f"score {show(rec['score'])} is not a finite number", record=record)
+            raise InputError(where, f"score {quote(rec['score'])} is not a finite number", record=record)
         if "bbox" in rec:
             check_box(where, record, rec["bbox"])
         if "segmentation" in rec:
@@ -558,4 +547,4 @@ def load_results(path: str | Path, gt: Any, iou_type: str | None = None) -> list
 
 
 __all__ = ["CheckedCoco", "check_box", "check_gt", "check_results", "check_rle", "counts_text", "is_int",
-           "is_number", "load_gt", "load_results", "read_json", "rle_counts", "rle_string_problems", "show"]
+           "is_number", "load_gt", "load_results", "read_json", "rle_counts", "rle_string_problems"]
