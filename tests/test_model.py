@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.models import resnet50
 
 from baselines import build_mask_loss
@@ -430,3 +431,22 @@ def test_stride4_mask_branch_reads_c2_and_skips_upsampling():
         CondInst(3, {**DEMO_MODEL_CFG, "mask_feat_stride": 2})
     with pytest.raises(InputError, match="stride-4 output"):
         MaskBranch(8, 8, 1, 4, "GN", out_stride=4, detail_channels=None)
+
+
+def test_resnet18_channels_and_norm_follow_pretrained(tmp_path):
+    """R-18 (the original-code comparison's backbone): BasicBlock widths; trainable BN from scratch,
+    frozen BN (as detectron2) once weights are loaded."""
+    from torchvision.models import resnet18
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    net = build_backbone({"backbone": "resnet18", "freeze_at": 0, "pretrained": "none"})
+    out = net(torch.randn(2, 3, 64, 64))
+    assert {k: tuple(v.shape[1:]) for k, v in out.items()} == {
+        "c2": (64, 16, 16), "c3": (128, 8, 8), "c4": (256, 4, 4), "c5": (512, 2, 2)}
+    assert net.out_channels == {"c2": 64, "c3": 128, "c4": 256, "c5": 512}
+    assert isinstance(net.bn1, nn.BatchNorm2d) and net.bn1.weight.requires_grad
+    file = tmp_path / "r18.pth"
+    torch.save(resnet18(weights=None).state_dict(), file)
+    loaded = build_backbone({"backbone": "resnet18", "pretrained": str(file)})
+    assert isinstance(loaded.bn1, FrozenBatchNorm2d)

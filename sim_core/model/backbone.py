@@ -6,10 +6,16 @@ Every backbone is an ``nn.Module`` whose ``forward(images)`` returns
 The ResNets and ``resnet_tiny`` also return ``"c2"`` (stride 4), which the
 mask branch reads when ``model.mask_feat_stride`` is 4 (the CPU demo).
 
-* ``resnet50`` / ``resnet101``: torchvision's ResNets built with
+* ``resnet18`` / ``resnet50`` / ``resnet101``: torchvision's ResNets built with
   ``weights=None`` (no download, ever) and ``FrozenBatchNorm2d``, as detectron2
   and AdelaiDet train them: batch statistics of 2-image-per-GPU batches are
   useless, so BN keeps the (pretrained) statistics and affine parameters fixed.
+  Trained from scratch (``model.pretrained: none``) there are no statistics to
+  keep, and a frozen BN would leave the net unnormalised, so the layers are
+  plain ``BatchNorm2d`` instead (detectron2's ``RESNETS.NORM BN``, which the
+  upstream runs set for from-scratch configs: ``baselines/upstream.py``).
+  ``resnet18`` (BasicBlocks, C2-C5 of 64/128/256/512 channels) is the small
+  backbone both sides share in the ``upstream_demo`` comparison.
   ``freeze_at`` follows detectron2: 0 trains everything, 1 freezes the stem,
   2 the stem and ``layer1`` (res2, the default), ... 5 everything.
   ``model.pretrained`` is ``imagenet`` (torchvision's IMAGENET1K_V1 file from
@@ -33,14 +39,14 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models import resnet50, resnet101
+from torchvision.models import resnet18, resnet50, resnet101
 from torchvision.ops import FrozenBatchNorm2d
 
 from sim_core.errors import InputError
 from sim_core.model.pretrained import load_backbone_weights
 
-BACKBONES = ("resnet50", "resnet101", "resnet_tiny", "swin_b", "resnet101_dcn")
-RESNET_BUILDERS = {50: resnet50, 101: resnet101}  # depth -> torchvision builder (tests add small ones)
+BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet_tiny", "swin_b", "resnet101_dcn")
+RESNET_BUILDERS = {18: resnet18, 50: resnet50, 101: resnet101}  # depth -> torchvision builder (tests add small ones)
 
 
 class TorchvisionResNet(nn.Module):
@@ -54,7 +60,8 @@ class TorchvisionResNet(nn.Module):
         super().__init__()
         if not 0 <= freeze_at <= 5:
             raise InputError("model.freeze_at", f"must be an integer in 0..5, got {freeze_at!r}")
-        net = RESNET_BUILDERS[depth](weights=None, norm_layer=FrozenBatchNorm2d)
+        from_scratch = str(pretrained or "none").strip().lower() == "none"
+        net = RESNET_BUILDERS[depth](weights=None, norm_layer=nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.out_channels = {"c2": net.layer1[-1].expansion * 64, "c3": net.layer2[-1].expansion * 128,
@@ -142,7 +149,7 @@ class TinyResNet(nn.Module):
 def build_backbone(cfg: dict[str, Any]) -> nn.Module:
     """Build the backbone named by ``cfg["backbone"]`` (see the module docstring)."""
     name = cfg.get("backbone", "resnet50")
-    if name in ("resnet50", "resnet101"):
+    if name in ("resnet18", "resnet50", "resnet101"):
         return TorchvisionResNet(int(name[len("resnet"):]), int(cfg.get("freeze_at", 2)),
                                  cfg.get("pretrained", "none"))
     elif name == "resnet_tiny":

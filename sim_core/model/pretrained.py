@@ -3,7 +3,8 @@
 ``model.pretrained`` takes one of
 
 * ``imagenet``: torchvision's ImageNet weights for the configured backbone
-  (:data:`IMAGENET_WEIGHTS`: ``resnet50`` -> ``ResNet50_Weights.IMAGENET1K_V1``,
+  (:data:`IMAGENET_WEIGHTS`: ``resnet18`` / ``resnet50`` -> ``ResNet18_Weights`` /
+  ``ResNet50_Weights.IMAGENET1K_V1``,
   ``resnet101`` and ``resnet101_dcn`` -> ``ResNet101_Weights.IMAGENET1K_V1``
   (the DCN offset convs keep their zero init), ``swin_b`` ->
   ``Swin_B_Weights.IMAGENET1K_V1``; ``resnet_tiny`` has none and asking for them
@@ -202,6 +203,7 @@ def load_pretrained(module: nn.Module, path: str | Path, arch_name: str, *,
 # ----------------------------------------------------------------- model.pretrained
 # torchvision's ImageNet weights per backbone (``imagenet``); resnet_tiny has none.
 IMAGENET_WEIGHTS = {
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
     "resnet50": "ResNet50_Weights.IMAGENET1K_V1",
     "resnet101": "ResNet101_Weights.IMAGENET1K_V1",
     "resnet101_dcn": "ResNet101_Weights.IMAGENET1K_V1",
