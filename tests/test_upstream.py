@@ -119,6 +119,57 @@ def test_cpp_fixes(tmp_path):
     assert "grad.scalar_type()" in (csrc / "op_cpu.cpp").read_text()
 
 
+def _real_like_clone(tmp_path: Path) -> Path:
+    """The fake checkout dressed as the real SIM clone: .git, a Python 3.7 build/ tree and prebuilt ops,
+    a wheel, a top-level datasets/coco link to the authors' disk, caches."""
+    clone = tmp_path / "SIM"
+    shutil.copytree(FAKE / "checkout", clone)
+    (clone / "adet" / "_C.py").unlink()  # not built yet
+    (clone / ".git").mkdir()
+    (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (clone / "build" / "lib.linux-x86_64-3.7" / "adet").mkdir(parents=True)
+    (clone / "build" / "lib.linux-x86_64-3.7" / "adet" / "_C.cpython-37m-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    (clone / "adet" / "_C.cpython-37m-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    (clone / "torch_scatter-2.0.5+cu102-cp37-cp37m-linux_x86_64.whl").write_bytes(b"PK")
+    (clone / "datasets").mkdir()
+    (clone / "datasets" / "coco").symlink_to("/nonexistent/authors/coco")
+    (clone / "adet" / "__pycache__").mkdir()
+    (clone / "adet" / "__pycache__" / "__init__.cpython-37.pyc").write_bytes(b"")
+    return clone
+
+
+def test_setup_copies_a_real_like_clone_and_builds_it(tmp_path):
+    clone = _real_like_clone(tmp_path)
+    before = sorted(str(p.relative_to(clone)) for p in clone.rglob("*"))
+    out = tmp_path / "built" / "SIM"
+    summary = upstream.setup_checkout("sim", clone, out, sys.executable, echo=None)
+    assert summary["built"] and summary["checkout"] == str(out.resolve())
+    assert (out / "adet" / "data" / "datasets" / "__init__.py").is_file()  # a package, not the data link
+    assert (out / "adet" / "_C.py").is_file()  # built in place
+    for left_out in (".git", "build", "datasets", "adet/_C.cpython-37m-x86_64-linux-gnu.so",
+                     "torch_scatter-2.0.5+cu102-cp37-cp37m-linux_x86_64.whl", "adet/__pycache__"):
+        assert not (out / left_out).exists(), left_out
+    assert "fake build: wrote adet/_C.py" in (out / "simbench_build.log").read_text()
+    assert sorted(str(p.relative_to(clone)) for p in clone.rglob("*")) == before  # the clone is untouched
+    # the built copy passes the environment check, and a run's private copy keeps its built ops
+    import os
+    os.environ["PYTHONPATH"] = str(FAKE / "site")
+    try:
+        info = upstream.check_environment("sim", {"python": sys.executable, "sim": {"root": str(out)}})
+    finally:
+        del os.environ["PYTHONPATH"]
+    assert info["versions"]["adet._C"]
+    run_copy = upstream.private_copy(out, tmp_path / "run_copy")
+    assert (run_copy / "adet" / "_C.py").is_file() and (run_copy / "adet" / "data" / "datasets").is_dir()
+
+
+def test_setup_build_failure_names_the_log(tmp_path):
+    clone = _real_like_clone(tmp_path)
+    (clone / "setup.py").write_text("raise SystemExit('error: command gcc failed')\n")
+    with pytest.raises(InputError, match="simbench_build.log.*building the C\\+\\+ ops failed"):
+        upstream.setup_checkout("adelaidet", clone, tmp_path / "out", sys.executable, echo=None)
+
+
 # -------------------------------------------------------------------------------- environment
 def test_without_a_checkout_the_verb_explains_in_one_line(tmp_path, smoke_params, capsys):
     params_path = tmp_path / "params.yaml"
