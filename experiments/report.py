@@ -8,6 +8,13 @@ bootstrap.json}`` as one atomic directory. Missing metrics print as ``---``.
 Runs whose ``train_log.jsonl`` has supervision-quality keys (``sq/<name>``) get
 the figure "supervision quality over training" and a table of final values.
 
+Every pair of rows of a table gets two paired-bootstrap intervals of the mask-AP
+difference (reports/bootstrap.py, docs/statistics.md): ``image`` (val images
+resampled, each row's seeds averaged) and ``two_level`` (seeds and val images
+resampled). Bold and the main table's marks follow the two-level interval
+only; the bootstrap table prints both, a table's main differences first (row -
+``bootstrap_reference`` in the main table, row - first row in an ablation).
+
 Runs are grouped by the (profile, dataset, split) of their metrics.json; each group
 has its own tables, so small-scale runs never share a table with published numbers.
 A row pools the seeds of one configuration: the runs whose ``runs`` entry
@@ -31,7 +38,8 @@ params.yaml ``report`` section (every key optional; the defaults are below):
       bootstrap_resamples: 1000
       bootstrap_seed: 0
       bootstrap_confidence: 0.95
-      bootstrap_reference: sim    # main-table rows are marked when AP(row) - AP(this method) is significant
+      bootstrap_reference: sim    # main-table rows are marked when the two-level interval of
+                                  # AP(row) - AP(this method) excludes 0
       qualitative_image_ids: []   # empty: the qualitative_count images with most GT instances
       qualitative_count: 4
       qualitative_score_thresh: 0.3
@@ -46,6 +54,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import re
 from pathlib import Path
@@ -82,6 +91,13 @@ DEFAULTS: dict[str, Any] = {
     "bootstrap_reference": "sim", "qualitative_image_ids": [], "qualitative_count": 4,
     "qualitative_score_thresh": 0.3, "qualitative_max_dets": 20,
     "qualitative_methods": ["boxmask", "boxinst", "boxlevelset", "sim", "mask"], "curve_smoothing": 10,
+}
+INTERVAL_KINDS = {  # written into bootstrap.json so the file explains its intervals
+    "image": "val images resampled with replacement (one draw for all rows); each row's seeds averaged on each "
+             "resample: test-set noise with the trained models fixed",
+    "two_level": "val images resampled as for `image`, and each row's seeds drawn with replacement "
+                 "(independently per row); AP = mean over the drawn seeds of each one's AP on the drawn images: "
+                 "test-set and seed-to-seed noise; equal to `image` for a row pair with one seed each",
 }
 ROW_KEYS = {"label", "label_tex", "match", "runs", "paper", "compete"}
 IGNORED_KEYS = {"seed"}  # not part of a row's configuration
@@ -230,16 +246,28 @@ class _Report:
                 self._evals[run.name] = bootstrap.evaluate_per_image(gt, results, where=str(path))
         return self._evals[run.name]
 
-    def bootstrap_rows(self, rows: list[Row], gt) -> tuple[dict, dict[str, Row]]:
-        groups, by_key = {}, {}
+    def bootstrap_rows(self, rows: list[Row], gt, reference: int | None) -> tuple[dict, dict[str, int]]:
+        """Both intervals for every pair of ``rows`` with per-image evaluations; group key -> row index.
+
+        Pairs with the ``reference`` row come first, as row - reference (the main
+        differences; flagged ``main`` and the reference's key stored as
+        ``reference``), then the other pairs in row order.
+        """
+        groups, index_of = {}, {}
         for index, row in enumerate(rows):
             evals = [e for e in (self._per_image(r, gt) for r in row.present) if e is not None]
             if evals:
                 key = row.name if row.name not in groups else f"{row.name} ({index})"
-                groups[key], by_key[key] = evals, row
+                groups[key], index_of[key] = evals, index
+        ref = next((k for k, i in index_of.items() if i == reference), None)
+        main = [(k, ref) for k in groups if ref is not None and k != ref]
+        pairs = main + [p for p in itertools.combinations(groups, 2) if ref not in p]
         c = self.config
-        return bootstrap.paired_bootstrap(groups, c["bootstrap_resamples"], c["bootstrap_seed"],
-                                          c["bootstrap_confidence"]), by_key
+        result = bootstrap.paired_bootstrap(groups, c["bootstrap_resamples"], c["bootstrap_seed"],
+                                            c["bootstrap_confidence"], pairs=pairs)
+        for item in result["intervals"]:
+            item["main"] = item["b"] == ref
+        return {**result, "reference": ref}, index_of
 
     def group(self, group: tuple[str, str, str], row_sets: dict[str, list[Row]]) -> None:
         profile, dataset, split = group
@@ -264,15 +292,19 @@ class _Report:
         if gt_path.exists():
             gt = make_gt_api(load_gt(gt_path).to_dict(), "pycocotools")  # checked by the one gate first
             for name, rows in grouped.items():
-                boot[name] = self.bootstrap_rows(rows, gt)
+                reference = 0 if name != "main" else next(
+                    (i for i, row in enumerate(rows) if row.method == self.config["bootstrap_reference"]), None)
+                boot[name] = self.bootstrap_rows(rows, gt, reference)
         else:
             self.notes.append(f"{latex.latex_escape(gt_path)} not found: no bootstrap or qualitative figure "
                               f"for {setting.describe()}.")
+        significance = {name: tables.Significance.from_bootstrap(*result) for name, result in boot.items()}
         main = grouped.get("main", [])
         if main:
             marks, mark_text = self._marks(main, boot.get("main"), split)
             section["tables"].append(self.table(f"main_{slug}", tables.comparison_table(
-                main, setting, self.paper, marks=marks, mark_text=mark_text, label=f"tab:main-{slug}")))
+                main, setting, self.paper, marks=marks, mark_text=mark_text, label=f"tab:main-{slug}",
+                significance=significance.get("main"))))
             if any(r.metrics.get("voc") for row in main for r in row.present):
                 section["tables"].append(self.table(f"voc_{slug}", tables.comparison_table(
                     main, setting, self.paper, section="voc", label=f"tab:voc-{slug}", title="VOC-style comparison")))
@@ -286,18 +318,21 @@ class _Report:
         for name, (title, first) in ABLATION_TITLES.items():
             if name in grouped:
                 section["tables"].append(self.table(f"{name}_{slug}", tables.ablation_table(
-                    grouped[name], setting, self.paper, title=title, first_header=first, label=f"tab:{name}-{slug}")))
+                    grouped[name], setting, self.paper, title=title, first_header=first, label=f"tab:{name}-{slug}",
+                    significance=significance.get(name))))
                 panels.append(_panel(title, grouped[name], self.paper))
         if panels:
             section["figures"].append(self.figure(plots.plot_ablation_deltas(
                 panels, self.root / "figures" / f"ablations_{slug}"),
                 "Ablations: AP difference to the first row of each table, reproduced beside reported.", 1.0))
         intervals = []
-        for name, (result, by_key) in boot.items():
+        for name, (result, index_of) in boot.items():
             self.boot_json.append({"setting": dataclasses.asdict(setting), "table": name, **result})
+            rows = grouped[name]
             for item in result["intervals"]:
-                intervals.append({**item, "table": name, "a_tex": by_key[item["a"]].label_tex,
-                                  "b_tex": by_key[item["b"]].label_tex})
+                intervals.append({**item, "table": name, "a_tex": rows[index_of[item["a"]]].label_tex,
+                                  "b_tex": rows[index_of[item["b"]]].label_tex,
+                                  "n_a": result["n_seeds"][item["a"]], "n_b": result["n_seeds"][item["b"]]})
         if intervals:
             first = next(result for result, _ in boot.values() if result["intervals"])
             section["tables"].append(self.table(f"bootstrap_{slug}", tables.bootstrap_table(
@@ -309,20 +344,17 @@ class _Report:
         self.sections.append(section)
 
     def _marks(self, rows: list[Row], boot: tuple[dict, dict] | None, split: str) -> tuple[list[bool] | None, str]:
-        ref_method = self.config["bootstrap_reference"]
-        if boot is None:
+        """Main-table marks: the two-level interval of AP(row) - AP(reference) excludes 0."""
+        if boot is None or boot[0].get("reference") is None:
             return None, ""
-        result, by_key = boot
-        ref = next((k for k, row in by_key.items() if row.method == ref_method), None)
-        if ref is None:
-            return None, ""
-        significant = {i["b"] if i["a"] == ref else i["a"] for i in result["intervals"]
-                       if ref in (i["a"], i["b"]) and i["excludes_zero"]}
-        key_of = {id(row): key for key, row in by_key.items()}
-        marks = [key_of.get(id(row)) in significant for row in rows]
-        text = (rf" $^{{\ast}}$: the {result['confidence'] * 100:.0f}\% paired-bootstrap interval of "
-                rf"AP(row) $-$ AP({by_key[ref].label_tex}) excludes 0 ({result['resamples']} resamples of "
-                rf"{result['n_images']} {latex.latex_escape(split)} images).")
+        result, index_of = boot
+        significance = tables.Significance.from_bootstrap(result, index_of)
+        ref = index_of[result["reference"]]
+        marks = [i != ref and significance.differs(i, ref) for i in range(len(rows))]
+        text = (rf" $^{{\ast}}$: the {result['confidence'] * 100:.0f}\% two-level bootstrap interval (seeds and "
+                rf"validation images) of AP(row) $-$ AP({rows[ref].label_tex}) excludes 0 ({result['resamples']} "
+                rf"resamples of {result['n_images']} {latex.latex_escape(split)} images; the bootstrap table "
+                "gives it beside the images-only interval).")
         return marks, text
 
     def _qualitative(self, gt, data_dir: Path, rows: list[Row], slug: str) -> dict | None:
@@ -429,7 +461,9 @@ def original_code_section(report: _Report, pairs: list[dict]) -> dict:
                     result = bootstrap.paired_bootstrap({k: [v] for k, v in evals.items()},
                                                         c["bootstrap_resamples"], c["bootstrap_seed"],
                                                         c["bootstrap_confidence"])
-                    pair["interval"], pair["resamples"] = result["intervals"][0], result["resamples"]
+                    item = result["intervals"][0]  # one run each: the two intervals are equal
+                    pair["interval"] = {"diff": item["diff"], **item["image"]}
+                    pair["resamples"] = result["resamples"]
                     report.boot_json.append({"setting": dataclasses.asdict(setting), "table": "original_code",
                                              "a": pair["original"].name, "b": reimpl.name, **result})
             rows.append(pair)
@@ -484,7 +518,7 @@ def run_report(params: dict, runs_dir: Path, out: Path) -> None:
                  f"have metrics; git commit(s): {latex.latex_escape(', '.join(c[:12] for c in commits) or 'unknown')}. "
                  f"Bootstrap: {config['bootstrap_resamples']} resamples, seed {config['bootstrap_seed']}.")
         atomic_write_json(root / "bootstrap.json", {"commits": commits, "report_params": config,
-                                                    "tables": report.boot_json})
+                                                    "interval_kinds": INTERVAL_KINDS, "tables": report.boot_json})
         atomic_write_text(root / "report.tex", latex.render_report({
             "title": "simbench: box-supervised instance segmentation, reproduced", "stamp": stamp,
             "sections": report.sections, "notes": report.notes}))

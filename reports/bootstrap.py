@@ -21,9 +21,21 @@ anyway. Recall thresholds are located with integer arithmetic that reproduces
 COCOeval's floating-point comparisons, so the full (unresampled) set gives
 COCOeval's AP exactly (tested to 1e-6).
 
-With several seeds per method, a resample's AP of the method is the mean over
-its seeds' runs on that resample: the interval covers image sampling, not
-seed-to-seed variation (which the tables report as std).
+Two intervals per pair, from the same image resamples (docs/statistics.md):
+
+- ``image``: with several seeds per method, a resample's AP of the method is
+  the mean over all its seeds' runs on that resample. The interval covers
+  image sampling only: the trained models are held fixed.
+- ``two_level``: each resample also draws the method's seeds with replacement
+  (as many as it has), and its AP is the mean over the drawn seeds of each
+  drawn seed's AP on the drawn images. Seeds are drawn independently per
+  method: seed k of two methods shares the data order and initial weights but
+  not the training, and pairing them would assume a correlation that two
+  seeds cannot show; independent draws do not rely on it (they are
+  conservative when it is positive). The interval covers image sampling and
+  seed-to-seed variation. With one seed per method it equals ``image``
+  exactly. The seed draw reuses the per-seed AP of each image resample, so it
+  costs nothing beyond the image bootstrap.
 """
 from __future__ import annotations
 
@@ -31,6 +43,7 @@ import contextlib
 import io
 import itertools
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -238,19 +251,37 @@ def resample_counts(n_images: int, resamples: int, seed: int) -> np.ndarray:
     return np.bincount(flat.ravel(), minlength=resamples * n_images).reshape(resamples, n_images)
 
 
+def seed_draws(n_seeds: int, resamples: int, seed: int, name: str) -> np.ndarray:
+    """[resamples, n_seeds] seed indices drawn with replacement for one method (seeded).
+
+    The stream depends on the bootstrap seed and the method's name only, so a
+    method's draws do not change when rows are added to or removed from a table.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+    return rng.integers(0, n_seeds, size=(resamples, n_seeds))
+
+
+def _interval(diffs: np.ndarray, confidence: float) -> dict:
+    low, high = (float(v) for v in np.nanpercentile(diffs, [50 * (1 - confidence), 50 * (1 + confidence)]))
+    return {"low": low, "high": high, "excludes_zero": bool(low > 0 or high < 0)}
+
+
 def paired_bootstrap(groups: Mapping[str, Sequence[PerImageEval]], resamples: int = 1000, seed: int = 0,
                      confidence: float = 0.95, pairs: Sequence[tuple[str, str]] | None = None) -> dict:
-    """AP of every group and percentile intervals of AP(A) - AP(B) for every pair (A before B).
+    """AP of every group and two percentile intervals of AP(A) - AP(B) for every pair (A before B).
 
     ``groups`` maps a row name to the per-image evaluations of its runs
-    (seeds), all on the same ground truth. Returned APs are fractions.
+    (seeds), all on the same ground truth. Returned APs are fractions. Each
+    interval item holds ``diff`` (the full-set difference of the seed means),
+    ``image`` (val images resampled, seeds averaged) and ``two_level`` (seeds
+    and val images resampled), each ``{low, high, excludes_zero}``.
     """
     if not 0 < confidence < 1:
         raise InputError("params.yaml", f"report.bootstrap_confidence must be in (0, 1), got {confidence}")
     evals = [ev for group in groups.values() for ev in group]
     if not evals:
         return {"resamples": resamples, "seed": seed, "confidence": confidence, "n_images": 0, "ap": {},
-                "intervals": []}
+                "n_seeds": {}, "intervals": []}
     image_ids = evals[0].image_ids
     if any(ev.image_ids != image_ids for ev in evals):
         raise ValueError("all evaluations of a bootstrap must share the same ground-truth images")
@@ -258,15 +289,16 @@ def paired_bootstrap(groups: Mapping[str, Sequence[PerImageEval]], resamples: in
     for ev in evals:
         if (resamples, seed) not in ev.resampled:
             ev.resampled[(resamples, seed)] = ap_for_counts(ev, counts)
-    boot = {name: np.mean([ev.resampled[(resamples, seed)] for ev in group], axis=0)
-            for name, group in groups.items()}
+    per_seed = {name: np.stack([ev.resampled[(resamples, seed)] for ev in group])  # [seeds, resamples]
+                for name, group in groups.items()}
+    boot = {name: aps.mean(axis=0) for name, aps in per_seed.items()}
+    two_level = {name: np.take_along_axis(aps, seed_draws(len(aps), resamples, seed, name).T, axis=0).mean(axis=0)
+                 for name, aps in per_seed.items()}
     full = {name: float(np.mean([full_ap(ev) for ev in group])) for name, group in groups.items()}
-    lo_q, hi_q = 50 * (1 - confidence), 50 * (1 + confidence)
     intervals = []
     for a, b in pairs if pairs is not None else itertools.combinations(groups, 2):
-        diffs = boot[a] - boot[b]
-        low, high = (float(v) for v in np.nanpercentile(diffs, [lo_q, hi_q]))
-        intervals.append({"a": a, "b": b, "diff": full[a] - full[b], "low": low, "high": high,
-                          "excludes_zero": bool(low > 0 or high < 0)})
+        intervals.append({"a": a, "b": b, "diff": full[a] - full[b],
+                          "image": _interval(boot[a] - boot[b], confidence),
+                          "two_level": _interval(two_level[a] - two_level[b], confidence)})
     return {"resamples": resamples, "seed": seed, "confidence": confidence, "n_images": len(image_ids),
-            "ap": full, "intervals": intervals}
+            "ap": full, "n_seeds": {name: len(group) for name, group in groups.items()}, "intervals": intervals}

@@ -8,7 +8,13 @@ Conventions, the same in every table:
 - values are percentages (metrics.json stores fractions);
 - several seeds print as mean$\\pm$std (sample std, ddof=1); the caption says
   how many seeds; a row with fewer seeds than configured gets an ``n`` column;
-- the best reproduced value per column is bold (paper rows never compete);
+- bold marks a difference that survives seed and image noise: the highest
+  mask AP of a table is bold only when the two-level bootstrap interval
+  (seeds and val images, reports/bootstrap.py) of its difference to every
+  other competing row excludes 0; an ablation's $\\Delta$AP is bold only when
+  its interval against the first row excludes 0. Columns without a bootstrap
+  (AP50, sizes, VOC-style AP) are never bold, nor is anything when the
+  intervals are missing (paper rows never compete);
 - a configured run without metrics prints as ``---``, never disappears;
 - a row that uses an imported (external) result is marked with a dagger;
 - paper values appear only when the runs' setting (dataset, split, backbone,
@@ -105,6 +111,39 @@ class Row:
 
 
 @dataclass(frozen=True)
+class Significance:
+    """Two-level bootstrap intervals of AP(rows[i]) - AP(rows[j]) between the rows of one table.
+
+    ``pairs`` maps ``(i, j)`` (indices into the table's rows, both orders) to
+    ``(low, high)`` in AP fractions. Bold and marks read only this, so a table
+    without intervals (no ground truth, no segm.json) has no bold at all.
+    """
+    pairs: dict[tuple[int, int], tuple[float, float]]
+    confidence: float
+    resamples: int
+    n_images: int
+
+    @classmethod
+    def from_bootstrap(cls, result: dict, index_of: dict[str, int]) -> "Significance":
+        """From :func:`reports.bootstrap.paired_bootstrap`'s result and its group keys' row indices."""
+        pairs = {}
+        for item in result["intervals"]:
+            i, j = index_of[item["a"]], index_of[item["b"]]
+            low, high = item["two_level"]["low"], item["two_level"]["high"]
+            pairs[(i, j)], pairs[(j, i)] = (low, high), (-high, -low)
+        return cls(pairs, result["confidence"], result["resamples"], result["n_images"])
+
+    def above(self, i: int, j: int) -> bool:
+        """AP(rows[i]) is significantly above AP(rows[j]) (the interval lies above 0)."""
+        interval = self.pairs.get((i, j))
+        return interval is not None and interval[0] > 0
+
+    def differs(self, i: int, j: int) -> bool:
+        """The interval of AP(rows[i]) - AP(rows[j]) excludes 0."""
+        return self.above(i, j) or self.above(j, i)
+
+
+@dataclass(frozen=True)
 class PaperEntry:
     id: str
     paper: str
@@ -188,9 +227,29 @@ def fmt_delta(value: float | None) -> str:
     return f"${value:+.1f}$"
 
 
-def _best(rows: Sequence[Row], section: str, column: str) -> float | None:
-    means = [round(s.mean, 1) for s in (r.stat(section, column) for r in rows if r.compete) if s is not None]
-    return max(means) if means else None
+def bold_row(rows: Sequence[Row], significance: Significance | None) -> int | None:
+    """Index of the row whose mask AP is bold, or None.
+
+    The competing row with the highest mean AP, if it is the only one at that
+    value as printed (one decimal) and its two-level interval against every
+    other competing row with a value lies above 0. A table with fewer than two
+    competing values, or without an interval for one of these pairs, has no bold.
+    """
+    if significance is None:
+        return None
+    means = [(round(s.mean, 1), i) for i, r in enumerate(rows) if r.compete and (s := r.stat("segm", "AP"))]
+    if len(means) < 2:
+        return None
+    means.sort(reverse=True)
+    (top, best), (second, _) = means[0], means[1]
+    if top == second or not all(significance.above(best, j) for _, j in means[1:]):
+        return None
+    return best
+
+
+def _bold(text: str) -> str:
+    """Bold a cell that may hold math (signs, brackets) as well as text."""
+    return rf"{{\boldmath\textbf{{{text}}}}}"
 
 
 def _seed_phrase(rows: Sequence[Row]) -> tuple[str, bool]:
@@ -244,10 +303,14 @@ def render(cells: list[list[str]], header: list[str], caption: str, label: str,
     return "\n".join(lines) + "\n"
 
 
-def _bold_phrase(rows: Sequence[Row]) -> str:
-    if all(r.compete for r in rows):
-        return "Bold: best reproduced value per column."
-    return "Bold: best reproduced value per column, the mask-supervised upper bound excluded."
+def _bold_phrase(rows: Sequence[Row], significance: Significance | None) -> str:
+    """The bold rule of the AP column, as the caption states it."""
+    others = "other row" if all(r.compete for r in rows) else "other row but the mask-supervised upper bound"
+    rule = ("Bold: the highest mask AP, only when the two-level bootstrap interval (seeds and validation images) "
+            f"of its difference to every {others} excludes 0; other columns are not tested and never bold.")
+    if significance is None:
+        return rule + " No interval is available for this table, so nothing is bold."
+    return rule
 
 
 def _label(row: Row) -> str:
@@ -257,21 +320,24 @@ def _label(row: Row) -> str:
 # ---------------------------------------------------------------------------- tables
 def comparison_table(rows: Sequence[Row], setting: Setting, paper: PaperNumbers, *, section: str = "segm",
                      marks: Sequence[bool] | None = None, mark_text: str = "", label: str = "tab:main",
-                     title: str = "Main comparison") -> str:
-    """Methods side by side; under each, the paper's value(s) and the difference when comparable."""
+                     title: str = "Main comparison", significance: Significance | None = None) -> str:
+    """Methods side by side; under each, the paper's value(s) and the difference when comparable.
+
+    ``significance`` holds the two-level intervals between ``rows`` that decide
+    the bold AP (:func:`bold_row`); without it nothing is bold.
+    """
     columns = COCO_COLUMNS if section == "segm" else VOC_COLUMNS
     paper_key = "segm" if section == "segm" else "voc"
     comparable = setting.backbone is not None
     seeds, need_n = _seed_phrase(rows)
-    best = {c: _best(rows, section, c) for c in columns}
+    best = bold_row(rows, significance) if section == "segm" else None
     header = ["Method"] + (["Backbone", "Sched."] if comparable else []) + [HEADERS[c] for c in columns]
     header += ["$n$"] if need_n else []
     cells, rules, any_paper = [], [], False
     for index, row in enumerate(rows):
         lead = [latex_escape(setting.backbone), latex_escape(setting.schedule)] if comparable else []
         stats = {c: row.stat(section, c) for c in columns}
-        values = [fmt_stat(stats[c], bold=row.compete and stats[c] is not None
-                           and round(stats[c].mean, 1) == best[c]) for c in columns]
+        values = [fmt_stat(stats[c], bold=c == "AP" and index == best) for c in columns]
         if marks is not None and marks[index]:
             values[0] += SIGNIFICANT
         cells.append([_label(row)] + lead + values + ([_n_cell(row)] if need_n else []))
@@ -290,7 +356,8 @@ def comparison_table(rows: Sequence[Row], setting: Setting, paper: PaperNumbers,
                             for c in columns] + ([""] if need_n else []))
         rules.append(len(cells) - 1)
     metric = "mask AP" if section == "segm" else "VOC-style mask AP"
-    caption = f"{title}: {metric} (\\%) on {setting.describe()}; {seeds}. " + _bold_phrase(rows)
+    bold = _bold_phrase(rows, significance) if section == "segm" else "No bold: the bootstrap tests mask AP only."
+    caption = f"{title}: {metric} (\\%) on {setting.describe()}; {seeds}. " + bold
     if any_paper:
         caption += (r" \textit{reported}: the published value; $\Delta$ = reproduced $-$ reported (the first "
                     "reported row that prints the column).")
@@ -304,51 +371,83 @@ def comparison_table(rows: Sequence[Row], setting: Setting, paper: PaperNumbers,
 
 
 def ablation_table(rows: Sequence[Row], setting: Setting, paper: PaperNumbers, *, title: str,
-                   first_header: str, label: str) -> str:
-    """An ablation: reproduced columns, AP difference to the first row, and the paper's beside."""
+                   first_header: str, label: str, significance: Significance | None = None) -> str:
+    """An ablation: reproduced columns, AP difference to the first row, and the paper's beside.
+
+    With ``significance`` (two-level intervals between ``rows``), a $\\Delta$AP
+    is bold where its interval against the first row excludes 0, and the AP
+    column's bold follows :func:`bold_row`.
+    """
     columns = COCO_COLUMNS
     entries = [paper.get(r.paper_id) if r.paper_id else None for r in rows]
     absolute = all(e is None or e.matches(setting) for e in entries) and setting.backbone is not None
     seeds, need_n = _seed_phrase(rows)
-    best = {c: _best(rows, "segm", c) for c in columns}
+    best = bold_row(rows, significance)
     base = rows[0].stat("segm", "AP") if rows else None
     base_paper = entries[0].values.get("AP") if entries and entries[0] else None
     header = [first_header] + [HEADERS[c] for c in columns] + [r"$\Delta$AP"]
     header += (["Reported AP"] if absolute else []) + [r"Reported $\Delta$AP"] + (["$n$"] if need_n else [])
     cells = []
-    for row, entry in zip(rows, entries):
+    for index, (row, entry) in enumerate(zip(rows, entries)):
         stats = {c: row.stat("segm", c) for c in columns}
-        values = [fmt_stat(stats[c], bold=row.compete and stats[c] is not None
-                           and round(stats[c].mean, 1) == best[c]) for c in columns]
+        values = [fmt_stat(stats[c], bold=c == "AP" and index == best) for c in columns]
         delta = stats["AP"].mean - base.mean if stats["AP"] and base else None
+        delta_cell = fmt_delta(delta)
+        if delta is not None and significance is not None and index > 0 and significance.differs(index, 0):
+            delta_cell = _bold(delta_cell)
         paper_ap = entry.values.get("AP") if entry else None
         paper_delta = paper_ap - base_paper if paper_ap is not None and base_paper is not None else None
-        cells.append([_label(row)] + values + [fmt_delta(delta)] + ([fmt_value(paper_ap)] if absolute else [])
+        cells.append([_label(row)] + values + [delta_cell] + ([fmt_value(paper_ap)] if absolute else [])
                      + [fmt_delta(paper_delta)] + ([_n_cell(row)] if need_n else []))
     source = next((e for e in entries if e), None)
     cite = f" Reported: {paper.cite(source)}, {latex_escape(source.dataset)} {latex_escape(source.split)}, " \
            f"{latex_escape(source.backbone)} {latex_escape(source.schedule)}." if source else ""
     caption = (f"{title}: mask AP (\\%) on {setting.describe()}; {seeds}. $\\Delta$AP is relative to the "
-               f"first row. {_bold_phrase(rows)}{cite}")
+               "first row, bold only where its two-level bootstrap interval (seeds and validation images) "
+               f"excludes 0. {_bold_phrase(rows, significance)}{cite}")
     if not absolute and source:
         caption += " Different setting from the paper: only its differences are shown."
     fmt = "l" + "r" * (len(header) - 1)
     return render(cells, header, caption, label, fmt, (), _footnotes(rows))
 
 
+def _interval_text(interval: dict) -> str:
+    return f"[${interval['low'] * 100:+.1f}$, ${interval['high'] * 100:+.1f}$]"
+
+
 def bootstrap_table(intervals: Sequence[dict], resamples: int, n_images: int, confidence: float,
                     label: str = "tab:bootstrap") -> str:
-    """Paired-bootstrap intervals of AP(A) - AP(B), one line per pair of rows."""
-    cells = []
-    for item in intervals:
-        excl = item["low"] > 0 or item["high"] < 0
-        interval = f"[${item['low'] * 100:+.1f}$, ${item['high'] * 100:+.1f}$]"
-        cells.append([latex_escape(item["table"]), item["a_tex"], item["b_tex"],
-                      fmt_delta(item["diff"] * 100), rf"{{\boldmath\textbf{{{interval}}}}}" if excl else interval])
+    """Both bootstrap intervals of AP(A) - AP(B), one line per pair of rows.
+
+    ``intervals`` are :func:`reports.bootstrap.paired_bootstrap` items with
+    ``table``, ``a_tex``, ``b_tex``, ``n_a``, ``n_b`` (seeds of each row) and
+    ``main`` (a main difference: row - reference, row - first row) added; the
+    lines of one table are separated by a rule. Bold follows the two-level
+    interval only, as everywhere in the report.
+    """
+    cells, rules = [], []
+    for index, item in enumerate(intervals):
+        two = item["two_level"]
+        excl = two["low"] > 0 or two["high"] < 0
+        cells.append([latex_escape(item["table"]), item["a_tex"], item["b_tex"], f"{item['n_a']}/{item['n_b']}",
+                      _bold(fmt_delta(item["diff"] * 100)) if excl else fmt_delta(item["diff"] * 100),
+                      _interval_text(item["image"]),
+                      _bold(_interval_text(two)) if excl else _interval_text(two)])
+        if index + 1 < len(intervals) and intervals[index + 1]["table"] != item["table"]:
+            rules.append(index)
+    pct = f"{confidence * 100:.0f}\\%"
     caption = (f"Paired bootstrap over validation images ({resamples} resamples of {n_images} images): "
-               f"AP(A) $-$ AP(B) in points and its {confidence * 100:.0f}\\% percentile interval; "
-               "bold where the interval excludes 0. Seeds of a row are averaged inside each resample.")
-    return render(cells, ["Table", "A", "B", r"$\Delta$AP", "Interval"], caption, label, "lllrr")
+               f"AP(A) $-$ AP(B) in points and two {pct} percentile intervals. \\textit{{Images}}: the images "
+               "are resampled (the same draw for every row) and each row's seeds are averaged on each resample: "
+               "test-set noise for these trained models. \\textit{Seeds + images} (two-level): each resample "
+               "also draws each row's seeds with replacement, independently per row: test-set and seed-to-seed "
+               "noise. Seeds: number of seeds of A/B; with one seed per row both intervals are equal and neither "
+               "sees seed noise, with two seeds the seed draw is coarse (three outcomes per row). Bold: "
+               "$\\Delta$AP and the two-level interval where that interval excludes 0. Each table lists its "
+               "main differences first (row $-$ reference in the main table, row $-$ first row in an "
+               "ablation), then the other pairs.")
+    header = ["Table", "A", "B", "Seeds", r"$\Delta$AP", "Images", "Seeds + images"]
+    return render(cells, header, caption, label, "lllrrrr", rules)
 
 
 def paper_table(paper: PaperNumbers, paper_key: str, table: str, label: str) -> str:

@@ -1,4 +1,4 @@
-"""Paired bootstrap of mask AP: the re-accumulation equals COCOeval, intervals behave."""
+"""Paired bootstrap of mask AP: the re-accumulation equals COCOeval, both intervals behave."""
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +12,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from scipy import ndimage
 
-from reports.bootstrap import (ap_for_counts, evaluate_per_image, full_ap, load_results,
-                               paired_bootstrap, resample_counts)
+from reports.bootstrap import (CategoryRecords, PerImageEval, ap_for_counts, evaluate_per_image, full_ap,
+                               load_results, paired_bootstrap, resample_counts, seed_draws)
 from sim_core.errors import InputError
 
 H, W = 36, 44
@@ -170,8 +170,9 @@ def test_method_against_itself_gives_zero_interval() -> None:
     ev = evaluate_per_image(gt, noisy_results(dataset, masks, 15, False))
     out = paired_bootstrap({"a": [ev], "b": [ev]}, resamples=200, seed=0)
     (item,) = out["intervals"]
-    assert (item["low"], item["high"], item["diff"]) == (0.0, 0.0, 0.0)
-    assert not item["excludes_zero"]
+    assert item["diff"] == 0.0
+    for kind in ("image", "two_level"):
+        assert item[kind] == {"low": 0.0, "high": 0.0, "excludes_zero": False}
 
 
 def test_clearly_worse_copy_is_significant() -> None:
@@ -189,8 +190,8 @@ def test_clearly_worse_copy_is_significant() -> None:
     out = paired_bootstrap(groups, resamples=300, seed=1, confidence=0.95)
     assert out["ap"]["good"] == pytest.approx(1.0)
     by_pair = {(i["a"], i["b"]): i for i in out["intervals"]}
-    assert by_pair[("good", "eroded")]["low"] > 0 and by_pair[("good", "eroded")]["excludes_zero"]
-    assert by_pair[("good", "noisy")]["low"] > 0
+    assert by_pair[("good", "eroded")]["image"]["low"] > 0 and by_pair[("good", "eroded")]["image"]["excludes_zero"]
+    assert by_pair[("good", "noisy")]["image"]["low"] > 0
     assert by_pair[("eroded", "noisy")]["diff"] == pytest.approx(out["ap"]["eroded"] - out["ap"]["noisy"])
     # Seeds of a row are averaged inside each resample: a row of (good, eroded) sits between them.
     mixed = paired_bootstrap({"mix": groups["good"] + groups["eroded"], "eroded": groups["eroded"]},
@@ -212,3 +213,107 @@ def test_empty_results_and_bad_image_ids() -> None:
     bad = [{"image_id": 999, "category_id": 3, "segmentation": _rle(np.ones((H, W))), "score": 0.5}]
     with pytest.raises(InputError, match="999"):
         evaluate_per_image(gt, bad, where="runs/x/segm.json")
+
+
+# ------------------------------------------------------------------ two-level bootstrap
+def _found_eval(found: list[bool]) -> PerImageEval:
+    """One GT per image, found exactly (a true positive at every IoU) or missed: AP = 1 if all found, 0 if none."""
+    iou_thrs = np.linspace(0.5, 0.95, 10)
+    hits = np.flatnonzero(found)
+    record = CategoryRecords(det_image=hits, tps=np.ones((10, hits.size), bool), fps=np.zeros((10, hits.size), bool),
+                             npig=np.ones(len(found), np.int64))
+    return PerImageEval(list(range(1, len(found) + 1)), [record], np.linspace(0, 1, 101), iou_thrs)
+
+
+def test_seed_noise_makes_the_two_level_interval_include_zero() -> None:
+    """A: two perfect seeds; B: a perfect seed and a blind one. Hand-checked values.
+
+    On every image resample AP(A) = 1 and B's seeds have AP 1 and 0. Images
+    only: AP(B) = 0.5, so A - B = 0.5 on every resample, interval [0.5, 0.5].
+    Two-level: B draws (perfect, perfect) w.p. 1/4 (A - B = 0), one of each
+    w.p. 1/2 (0.5), (blind, blind) w.p. 1/4 (1), so the 95 % interval is [0, 1].
+    """
+    perfect, blind = _found_eval([True] * 8), _found_eval([False] * 8)
+    assert (full_ap(perfect), full_ap(blind)) == (1.0, 0.0)
+    out = paired_bootstrap({"A": [perfect, _found_eval([True] * 8)], "B": [perfect, blind]}, resamples=400, seed=0)
+    (item,) = out["intervals"]
+    assert item["diff"] == 0.5 and out["n_seeds"] == {"A": 2, "B": 2}
+    assert item["image"] == {"low": 0.5, "high": 0.5, "excludes_zero": True}
+    assert item["two_level"] == {"low": 0.0, "high": 1.0, "excludes_zero": False}
+    draws = seed_draws(2, 400, 0, "B")  # the draws behind it: both seeds equal half of the time
+    assert abs(np.mean((draws == 0).all(axis=1)) - 0.25) < 0.06 and abs(np.mean((draws == 1).all(axis=1)) - 0.25) < 0.06
+
+
+def _morphed(results: list[dict], op, iterations: int) -> list[dict]:
+    return [{**r, "segmentation": _rle(op(mask_utils.decode(r["segmentation"]), iterations=iterations))}
+            for r in results]
+
+
+@pytest.fixture(scope="module")
+def seed_noise_groups() -> dict:
+    """A's seeds: perfect (AP 1) and over-eroded (AP 0); B's: dilated and eroded once (AP 0.36, 0.15)."""
+    dataset, masks = build_dataset(6, n_images=30)
+    gt = make_coco(dataset)
+    good = perfect_results(dataset, masks)
+    return {"A": [evaluate_per_image(gt, good), evaluate_per_image(gt, _morphed(good, ndimage.binary_erosion, 2))],
+            "B": [evaluate_per_image(gt, _morphed(good, ndimage.binary_dilation, 1)),
+                  evaluate_per_image(gt, _morphed(good, ndimage.binary_erosion, 1))]}
+
+
+def test_two_level_interval_spans_the_seed_combinations(seed_noise_groups) -> None:
+    """Real COCO evaluations where seed noise dominates image noise.
+
+    The seed means differ by 0.25 and the images-only interval is narrow and
+    excludes 0. With two seeds each, A drawing its worse seed twice and B its
+    better one (probability 1/16, above 2.5 %) gives about 0 - 0.36, the other
+    extreme 1 - 0.15: the two-level interval reaches them (up to image noise)
+    and includes 0.
+    """
+    seeds = {name: [full_ap(ev) for ev in group] for name, group in seed_noise_groups.items()}
+    assert seeds["A"] == [pytest.approx(1.0), pytest.approx(0.0)]
+    assert 0.3 < seeds["B"][0] < 0.4 and 0.1 < seeds["B"][1] < 0.2
+    out = paired_bootstrap(seed_noise_groups, resamples=300, seed=0)
+    (item,) = out["intervals"]
+    image, two = item["image"], item["two_level"]
+    assert item["diff"] == pytest.approx(np.mean(seeds["A"]) - np.mean(seeds["B"]))
+    assert image["excludes_zero"] and 0 < image["low"] < item["diff"] < image["high"] < 0.3
+    assert not two["excludes_zero"] and two["low"] < 0 < two["high"]
+    assert two["high"] - two["low"] > 10 * (image["high"] - image["low"])
+    assert two["low"] == pytest.approx(seeds["A"][1] - seeds["B"][0], abs=0.05)
+    assert two["high"] == pytest.approx(seeds["A"][0] - seeds["B"][1], abs=0.05)
+
+
+def test_two_level_is_deterministic_and_independent_of_row_order(seed_noise_groups) -> None:
+    first = paired_bootstrap(seed_noise_groups, resamples=300, seed=0)
+    for group in seed_noise_groups.values():
+        for ev in group:
+            ev.resampled.clear()  # recomputed from scratch, not read from the cache
+    again = paired_bootstrap(dict(reversed(list(seed_noise_groups.items()))), resamples=300, seed=0,
+                             pairs=[("A", "B")])
+    assert again["intervals"] == first["intervals"]
+    other = paired_bootstrap(seed_noise_groups, resamples=300, seed=1)["intervals"][0]
+    assert other["two_level"] != first["intervals"][0]["two_level"]
+
+
+def test_one_seed_per_row_reduces_to_the_image_bootstrap() -> None:
+    """With one seed each, both intervals equal the plain image bootstrap, computed here by hand."""
+    dataset, masks = build_dataset(8, n_images=20)
+    gt = make_coco(dataset)
+    evs = [evaluate_per_image(gt, noisy_results(dataset, masks, seed, False)) for seed in (20, 21, 22)]
+    out = paired_bootstrap({"x": [evs[0]], "y": [evs[1]], "z": [evs[2]]}, resamples=150, seed=5, confidence=0.9)
+    counts = resample_counts(20, 150, 5)
+    boot = [ap_for_counts(ev, counts) for ev in evs]
+    expected = {("x", "y"): boot[0] - boot[1], ("x", "z"): boot[0] - boot[2], ("y", "z"): boot[1] - boot[2]}
+    for item in out["intervals"]:
+        low, high = np.nanpercentile(expected[(item["a"], item["b"])], [5, 95])
+        assert item["image"]["low"] == low and item["image"]["high"] == high
+        assert item["two_level"] == item["image"]
+    assert out["n_seeds"] == {"x": 1, "y": 1, "z": 1}
+
+
+def test_seed_draws() -> None:
+    draws = seed_draws(3, 1000, seed=2, name="SIM")
+    assert draws.shape == (1000, 3) and set(np.unique(draws)) == {0, 1, 2}
+    assert np.array_equal(draws, seed_draws(3, 1000, seed=2, name="SIM"))
+    assert not np.array_equal(draws, seed_draws(3, 1000, seed=2, name="BoxInst"))  # independent per row
+    assert not seed_draws(1, 50, seed=2, name="SIM").any()  # one seed: always that seed

@@ -1,4 +1,4 @@
-"""Report tables from fixture metrics: means, stds, bold, deltas, missing and external runs, LaTeX."""
+"""Report tables from fixture metrics: means, stds, significance-gated bold, deltas, missing and external runs."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ from strict_skips import PDFINFO_MISSING, PDFLATEX_MISSING
 from experiments.report import (DEFAULT_ABLATIONS, build_rows, default_main_rows, load_metrics, report_config,
                                 run_report, run_specs)
 from reports import latex, tables
-from reports.tables import RunResult, Setting
+from reports.tables import RunResult, Setting, Significance
 from sim_core.errors import InputError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "report"
@@ -41,6 +41,15 @@ def paper() -> tables.PaperNumbers:
     return tables.load_paper_numbers()
 
 
+def _significance(**pairs: tuple[float, float]) -> Significance:
+    """Two-level intervals (AP fractions) of AP(row i) - AP(row j), given as ``p{i}_{j}=(low, high)``."""
+    table = {}
+    for key, (low, high) in pairs.items():
+        i, j = (int(v) for v in key[1:].split("_"))
+        table[(i, j)], table[(j, i)] = (low, high), (-high, -low)
+    return Significance(table, 0.95, 200, 300)
+
+
 def _line(text: str, start: str) -> list[str]:
     (line,) = [ln for ln in text.splitlines() if ln.startswith(start)]
     return [cell.strip() for cell in line.rstrip("\\ ").split("&")]
@@ -52,8 +61,9 @@ def test_main_table_statistics_bold_missing_and_external(params, paper) -> None:
     assert boxinst[1] == r"31.0$\pm$1.0"          # 30, 31, 32 -> mean 31.0, sample std 1.0
     assert boxinst[-1] == "3"
     sim = _line(text, "SIM")
-    assert sim[1] == r"\textbf{33.5}$\pm$0.7"     # 33, 34 -> 33.5 +- 0.71; best box-supervised AP
+    assert sim[1] == r"33.5$\pm$0.7"               # 33, 34 -> 33.5 +- 0.71; no intervals given: no bold
     assert sim[-1] == "2/3"                        # sim_s2 configured, no metrics
+    assert "textbf" not in text and "No interval is available for this table, so nothing is bold" in text
     upper = _line(text, "Mask (upper bound)")
     assert upper[1] == "40.0" and "textbf" not in " ".join(upper)  # the upper bound never competes
     assert _line(text, "Box as mask")[1:7] == ["---"] * 6
@@ -68,7 +78,7 @@ def test_main_table_statistics_bold_missing_and_external(params, paper) -> None:
 def test_paper_setting_shows_reported_values_and_deltas(paper) -> None:
     params = {"runs": {"boxinst_r50_s0": {"method": "boxinst", "seed": 0}}}
     text = tables.comparison_table(_rows(params), COCO_R50, paper)
-    assert _line(text, "BoxInst")[:4] == ["BoxInst", "R-50-FPN", "1x", r"\textbf{30.1}"]
+    assert _line(text, "BoxInst")[:4] == ["BoxInst", "R-50-FPN", "1x", "30.1"]  # nothing to beat: no bold
     assert _line(text, r"\quad\textit{reported} (SIM T3)")[3:9] == ["30.7", "52.2", "31.1", "13.8", "33.1", "45.7"]
     assert _line(text, r"\quad\textit{reported} (AdelaiDet)")[3:5] == ["30.7", "---"]
     delta = _line(text, r"\quad $\Delta$")
@@ -84,6 +94,50 @@ def test_voc_table_at_the_papers_setting(paper) -> None:
     assert _line(text, r"\quad\textit{reported} (SIM T2)")[3:8] == ["36.3", "---", "64.2", "---", "35.9"]
     assert _line(text, r"\quad\textit{reported} (BoxLevelSet)")[3:8] == ["36.3", "76.3", "64.2", "43.9", "35.9"]
     assert _line(text, r"\quad $\Delta$")[3:8] == ["$-1.3$", "$-1.3$", "$-1.2$", "$+0.1$", "$+0.1$"]
+
+
+def test_best_ap_is_bold_only_when_its_two_level_interval_excludes_zero(params, paper) -> None:
+    """Main rows: 0 Mask, 1 Box as mask (no metrics), 2 BoxInst 31.0, 3 BoxLevelSet 30.5, 4 SIM 33.5."""
+    rows = _rows(params)
+    assert [r.name for r in rows] == ["Mask (upper bound)", "Box as mask", "BoxInst", "BoxLevelSet", "SIM"]
+    above_both = _significance(p4_2=(0.01, 0.04), p4_3=(0.002, 0.05), p3_2=(-0.03, 0.02))
+    text = tables.comparison_table(rows, DEMO, paper, significance=above_both)
+    assert _line(text, "SIM")[1] == r"\textbf{33.5}$\pm$0.7"
+    assert text.count("textbf") == 1  # the AP column only; the other columns are never bold
+    assert "excludes 0; other columns are not tested and never bold" in text
+    assert "every other row but the mask-supervised upper bound" in text
+    # The runner-up BoxInst is significantly below, BoxLevelSet is not: no bold at all.
+    against_third = _significance(p4_2=(0.01, 0.04), p4_3=(-0.001, 0.05), p3_2=(-0.03, 0.02))
+    text = tables.comparison_table(rows, DEMO, paper, significance=against_third)
+    assert _line(text, "SIM")[1] == r"33.5$\pm$0.7" and "textbf" not in text.split(r"\caption")[0]
+    # A missing interval (a row without segm.json) cannot support the claim either.
+    missing = _significance(p4_2=(0.01, 0.04))
+    assert tables.bold_row(rows, missing) is None
+    assert tables.bold_row(rows, above_both) == 4
+    assert tables.bold_row(rows, _significance(p4_2=(-0.01, 0.04), p4_3=(0.002, 0.05))) is None
+    # The mask-supervised upper bound is higher but does not compete, and the VOC-style table is never bold.
+    voc = tables.comparison_table(rows, DEMO, paper, section="voc", significance=above_both)
+    assert "textbf" not in voc and "No bold: the bootstrap tests mask AP only." in voc
+
+
+def test_ablation_delta_is_bold_only_when_its_interval_excludes_zero(params, paper) -> None:
+    """Components: 0 BoxInst 31.0, 1 + L_pseudo 32.0 (+1.0), 2 + L_pseudo + L_paste 33.5 (+2.5)."""
+    rows = _rows(params, DEFAULT_ABLATIONS["components"])
+    sig = _significance(p1_0=(0.002, 0.02), p2_0=(-0.005, 0.05), p2_1=(0.001, 0.03))
+    text = tables.ablation_table(rows, DEMO, paper, title="Components", first_header="Setting", label="tab:c",
+                                 significance=sig)
+    pseudo = _line(text, r"+ $\mathcal{L}_{pseudo}$ &")
+    assert pseudo[1] == "32.0" and pseudo[-3] == r"{\boldmath\textbf{$+1.0$}}"
+    full = _line(text, r"+ $\mathcal{L}_{pseudo}$ + $\mathcal{L}_{paste}$")
+    assert full[-3] == "$+2.5$"  # its interval against the first row includes 0
+    assert full[1] == r"33.5$\pm$0.7"  # highest AP, but not significantly above BoxInst: not bold
+    assert _line(text, "BoxInst")[-3] == "$+0.0$"
+    assert "bold only where its two-level bootstrap interval (seeds and validation images) excludes 0" in text
+    sig = _significance(p1_0=(0.002, 0.02), p2_0=(0.001, 0.05), p2_1=(0.001, 0.03))
+    text = tables.ablation_table(rows, DEMO, paper, title="Components", first_header="Setting", label="tab:c",
+                                 significance=sig)
+    full = _line(text, r"+ $\mathcal{L}_{pseudo}$ + $\mathcal{L}_{paste}$")
+    assert full[1] == r"\textbf{33.5}$\pm$0.7" and full[-3] == r"{\boldmath\textbf{$+2.5$}}"
 
 
 def test_component_ablation_deltas_beside_the_papers(params, paper) -> None:
@@ -110,11 +164,20 @@ def test_run_names_are_escaped_and_bootstrap_table(params, paper) -> None:
     rows = _rows(params, row_specs)
     text = tables.comparison_table(rows, DEMO, paper)
     assert r"run\_a\&b 100\% \#1" in text
-    intervals = [{"table": "main_x", "a_tex": rows[0].label_tex, "b_tex": "x", "diff": -0.03,
-                  "low": -0.05, "high": -0.01}, {"table": "t", "a_tex": "a", "b_tex": "b", "diff": 0.0,
-                                                 "low": -0.01, "high": 0.02}]
+    def item(table, a, b, diff, image, two, n=(2, 2)):
+        return {"table": table, "a_tex": a, "b_tex": b, "diff": diff, "n_a": n[0], "n_b": n[1],
+                "image": {"low": image[0], "high": image[1]}, "two_level": {"low": two[0], "high": two[1]}}
+    intervals = [item("main_x", "y", "x", -0.03, (-0.05, -0.01), (-0.06, -0.002)),
+                 item("main_x", "a", "x", -0.02, (-0.03, -0.01), (-0.05, 0.01)),
+                 item("t", "a", "b", 0.0, (-0.01, 0.02), (-0.01, 0.02), (1, 1))]
     boot = tables.bootstrap_table(intervals, 1000, 50, 0.95)
-    assert r"main\_x" in boot and r"{\boldmath\textbf{[$-5.0$, $-1.0$]}}" in boot and "[$-1.0$, $+2.0$]" in boot
+    first = _line(boot, r"main\_x & y")
+    assert first[3:] == ["2/2", r"{\boldmath\textbf{$-3.0$}}", "[$-5.0$, $-1.0$]", r"{\boldmath\textbf{[$-6.0$, $-0.2$]}}"]
+    # Significant on the images alone, not once seeds are resampled: nothing bold.
+    assert _line(boot, "main\\_x & a")[3:] == ["2/2", "$-2.0$", "[$-3.0$, $-1.0$]", "[$-5.0$, $+1.0$]"]
+    assert _line(boot, "t & a")[3:] == ["1/1", "$+0.0$", "[$-1.0$, $+2.0$]", "[$-1.0$, $+2.0$]"]
+    assert "Seeds + images" in boot and "independently per row" in boot
+    assert boot.count(r"\midrule") == 2  # the header rule and one between the two tables
 
 
 def test_bad_params_and_metrics(tmp_path, params) -> None:
@@ -184,8 +247,16 @@ def test_run_report_end_to_end(tmp_path) -> None:
     boot = json.loads((out / "bootstrap.json").read_text())
     main_boot = next(t for t in boot["tables"] if t["table"] == "main")
     assert main_boot["resamples"] == 200 and main_boot["n_images"] == 10
+    assert main_boot["reference"] == "SIM" and main_boot["n_seeds"]["BoxInst"] == 2
+    assert [(i["a"], i["b"], i["main"]) for i in main_boot["intervals"]][:4] == [
+        ("Mask (upper bound)", "SIM", True), ("Box as mask", "SIM", True), ("BoxInst", "SIM", True),
+        ("BoxLevelSet", "SIM", True)]  # the main differences first, as row - reference
+    assert not any(i["main"] for i in main_boot["intervals"][4:]) and len(main_boot["intervals"]) == 10
     pair = next(i for i in main_boot["intervals"] if (i["a"], i["b"]) == ("BoxInst", "SIM"))
-    assert pair["high"] < 0 and pair["excludes_zero"]
+    assert pair["image"]["high"] < 0 and pair["image"]["excludes_zero"] and pair["two_level"]["excludes_zero"]
+    assert set(boot["interval_kinds"]) == {"image", "two_level"}
+    components = next(t for t in boot["tables"] if t["table"] == "components")
+    assert all(i["b"] == "BoxInst" and i["main"] for i in components["intervals"][:2])
     assert main_boot["ap"]["SIM"] == pytest.approx(json.loads(
         (tmp_path / "runs" / "sim_s0" / "metrics.json").read_text())["segm"]["AP"] / 2 + json.loads(
         (tmp_path / "runs" / "sim_s1" / "metrics.json").read_text())["segm"]["AP"] / 2, abs=1e-6)
