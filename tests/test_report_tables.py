@@ -172,7 +172,8 @@ def test_run_names_are_escaped_and_bootstrap_table(params, paper) -> None:
                  item("t", "a", "b", 0.0, (-0.01, 0.02), (-0.01, 0.02), (1, 1))]
     boot = tables.bootstrap_table(intervals, 1000, 50, 0.95)
     first = _line(boot, r"main\_x & y")
-    assert first[3:] == ["2/2", r"{\boldmath\textbf{$-3.0$}}", "[$-5.0$, $-1.0$]", r"{\boldmath\textbf{[$-6.0$, $-0.2$]}}"]
+    assert first[3:] == ["2/2", r"{\boldmath\textbf{$-3.0$}}", "[$-5.0$, $-1.0$]",
+                         r"{\boldmath\textbf{[$-6.0$, $-0.2$]}}"]
     # Significant on the images alone, not once seeds are resampled: nothing bold.
     assert _line(boot, "main\\_x & a")[3:] == ["2/2", "$-2.0$", "[$-3.0$, $-1.0$]", "[$-5.0$, $+1.0$]"]
     assert _line(boot, "t & a")[3:] == ["1/1", "$+0.0$", "[$-1.0$, $+2.0$]", "[$-1.0$, $+2.0$]"]
