@@ -118,11 +118,29 @@ launch(train_net.main, args.num_gpus, num_machines=args.num_machines, machine_ra
 '''
 
 # Probe run with the upstream interpreter: what is importable (one JSON line on stdout).
+# Arguments: the checkout, then module names; a name with a leading "?" is optional: when it is missing, an
+# empty module stands in for it during the probe (the run's private copy replaces its import, e.g.
+# SIM's torch_scatter, which the package adet imports through adet.modeling before adet._C loads).
 _PROBE = '''
-import importlib, json, sys
+import importlib, json, sys, types
 sys.path.insert(0, sys.argv[1])
 out = {"python": sys.version.split()[0]}
-for name in ["torch", "detectron2", "adet._C"] + sys.argv[2:]:
+names = [n for n in sys.argv[2:] if not n.startswith("?")]
+for name in [n[1:] for n in sys.argv[2:] if n.startswith("?")]:
+    try:
+        module = importlib.import_module(name)
+        out[name] = getattr(module, "__version__", "ok")
+    except BaseException as exc:
+        out[name] = None
+        out[name + ":error"] = (type(exc).__name__ + ": " + str(exc))[:300]
+        stub = types.ModuleType(name)
+        def stub_attr(attr):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            return lambda *args, **kwargs: None
+        stub.__getattr__ = stub_attr
+        sys.modules[name] = stub
+for name in ["torch", "detectron2", "adet._C"] + names:
     try:
         module = importlib.import_module(name)
         out[name] = getattr(module, "__version__", "ok")
@@ -145,6 +163,9 @@ _HOW = {
                 "(applies the current-torch fixes to a copy and builds it in place; docs/upstream.md)"),
     "timm": "pip install timm", "einops": "pip install einops",
 }
+# The checkout's own modules that tools/train_net.py imports: they pull in the remaining third-party
+# packages (AdelaiDet's text evaluator needs shapely, rapidfuzz<3; its data mappers opencv, scikit-image).
+TRAIN_NET_MODULES = ("adet.config", "adet.checkpoint", "adet.data.dataset_mapper", "adet.evaluation")
 
 
 # ------------------------------------------------------------------------------ environment
@@ -196,12 +217,19 @@ def check_environment(code: str, section: dict, extra_modules: tuple[str, ...] =
     root = checkout_root(section, code)
     python = upstream_python(section)
     modules = tuple(CODES[code]["modules"]) + tuple(extra_modules)
-    found = probe(python, root, modules + OPTIONAL_MODULES.get(code, ()))
-    for name in ("torch", "detectron2", "adet._C", *modules):
+    optional = tuple("?" + name for name in OPTIONAL_MODULES.get(code, ()))
+    found = probe(python, root, optional + modules + TRAIN_NET_MODULES)
+    for name in ("torch", "detectron2", "adet._C", *modules, *TRAIN_NET_MODULES):
         if found.get(name) is None:
             why = found.get(name + ":error", "not importable")
+            how = _HOW.get(name, f"pip install {name}")
+            missing = re.search(r"No module named '([\w.]+)'", why)
+            if name in TRAIN_NET_MODULES:
+                what = missing.group(1).split(".")[0] if missing else None
+                how = (f"pip install {what} in that environment" if what and what not in ("adet", "detectron2")
+                       else "the checkout's tools/train_net.py cannot import it")
             raise InputError("upstream", f"{name} is missing for {CODES[code]['title']} ({python}: {why}); "
-                             + _HOW.get(name, f"pip install {name}").format(code=code, root=root))
+                             + how.format(code=code, root=root))
     return {"root": str(root), "python": python, "versions": found}
 
 

@@ -197,6 +197,25 @@ def test_unbuilt_ops_are_named(fake_env):
         upstream.check_environment("adelaidet", section)
 
 
+def test_a_third_party_import_of_the_trainer_is_named(fake_env):
+    """AdelaiDet's tools/train_net.py imports adet.evaluation, which needs shapely: the check names it."""
+    (fake_env["adelaidet"] / "adet" / "evaluation" / "__init__.py").write_text("import shapely_not_installed_x\n")
+    section = {"python": sys.executable, "adelaidet": {"root": str(fake_env["adelaidet"])}}
+    with pytest.raises(InputError, match=r"adet\.evaluation is missing.*pip install shapely_not_installed_x"):
+        upstream.check_environment("adelaidet", section)
+
+
+def test_sim_without_torch_scatter_passes_the_check(fake_env):
+    """The real package adet imports torch_scatter (adet.modeling) before adet._C loads: the probe stands in
+    for it, reports it missing, and the run patches the import."""
+    (fake_env["sim"] / "adet" / "__init__.py").write_text("from adet.modeling.condinst import dynamic_mask_head\n")
+    head = fake_env["sim"] / "adet" / "modeling" / "condinst" / "dynamic_mask_head.py"
+    assert "from torch_scatter import scatter_mean" in head.read_text()
+    section = {"python": sys.executable, "sim": {"root": str(fake_env["sim"])}}
+    info = upstream.check_environment("sim", section)
+    assert info["versions"]["torch_scatter"] is None and info["versions"]["adet._C"]
+
+
 # ------------------------------------------------------------------------------ the whole path
 def test_adelaidet_run_end_to_end(fake_env, smoke_params, tmp_path):
     params = _params(smoke_params, fake_env, {"boxinst_orig_s0": {"code": "adelaidet", "seed": 3,
