@@ -99,13 +99,21 @@ def test_boxlevelset_own_recipe():
     assert b["levelset_gamma"] == 1e-4
 
 
-def test_demo_runs_cover_methods_and_ablations():
+def test_demo_runs_two_seeds_of_each_main_method_and_ablations_in_their_own_profile():
     runs = load_params(profile_path("demo"))["runs"]
-    methods = {r["method"] for r in runs.values()}
-    assert methods == {"mask", "boxmask", "boxinst", "boxlevelset", "sim"}
-    sets = [r.get("set", {}) for r in runs.values()]
+    seeds: dict[str, set[int]] = {}
+    for r in runs.values():
+        assert not r.get("set"), "the demo's runs are the methods' defaults"
+        seeds.setdefault(r["method"], set()).add(r["seed"])
+    assert seeds == {"mask": {0, 1}, "boxmask": {0}, "boxinst": {0, 1}, "boxlevelset": {0, 1}, "sim": {0, 1}}
+    demo, ablations = load_params(profile_path("demo")), load_params(profile_path("demo_ablations"))
+    extra = {k: v for k, v in ablations["runs"].items() if k not in demo["runs"]}
+    assert {k: v for k, v in ablations["runs"].items() if k in demo["runs"]} == demo["runs"]
+    sets = [r.get("set", {}) for r in extra.values()]
     assert {"sim.copy_paste": False} in sets and {"sim.alpha": 0.0} in sets and {"sim.alpha": 1.0} in sets
     assert {"sim.num_prototypes": 1} in sets
+    same = {k: v for k, v in ablations.items() if k not in ("profile", "runs")}
+    assert same == {k: v for k, v in demo.items() if k not in ("profile", "runs")}, "only the runs differ"
 
 
 PAPER_NAMES = [n for n in available_profiles() if n.startswith(("coco_r", "coco_swin", "voc_"))]
@@ -122,7 +130,7 @@ def test_weights_warmup_and_thresh_with_ctr(name):
         assert p["model"]["pretrained"] == expected
         assert p["boxinst"]["pairwise_warmup_iters"] == 10000  # BOXINST.PAIRWISE.WARMUP_ITERS, every schedule
     else:
-        assert name in ("demo", "smoke", "coco128")
+        assert name in ("demo", "demo_ablations", "smoke", "coco128")
         assert p["model"]["pretrained"] == "none"
         assert p["boxinst"]["pairwise_warmup_iters"] is None
 
