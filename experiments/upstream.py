@@ -56,9 +56,11 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
 
-    from experiments.common import load_params_from_args
+    from sim_core.config import load_params
 
-    params = load_params_from_args(args)
+    # --run names an upstream_runs entry, not a `runs` one: load without it (train.seed / train.method are
+    # refused as for any verb; the entry's own seed and code set them)
+    params = load_params(args.params, args.overrides)
     declared = params.get("upstream_runs") or {}
     if not args.run:
         if not declared:

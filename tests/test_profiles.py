@@ -18,7 +18,7 @@ PAPER = {
 def _keys(node: dict, prefix: str = "") -> set[str]:
     out = set()
     for key, value in node.items():
-        if prefix + key in ("runs", "report.paper_settings", "report.data_dirs"):
+        if prefix + key in ("runs", "upstream_runs", "report.paper_settings", "report.data_dirs"):
             out.add(prefix + key)
         elif isinstance(value, dict):
             out |= _keys(value, f"{prefix}{key}.")
@@ -130,7 +130,37 @@ def test_weights_warmup_and_thresh_with_ctr(name):
         assert p["model"]["pretrained"] == expected
         assert p["boxinst"]["pairwise_warmup_iters"] == 10000  # BOXINST.PAIRWISE.WARMUP_ITERS, every schedule
     else:
-        assert name in ("demo", "demo_ablations", "smoke", "coco128")
+        assert name in ("demo", "demo_ablations", "smoke", "coco128", "upstream_demo")
         assert p["model"]["pretrained"] == "none"
         assert p["boxinst"]["pairwise_warmup_iters"] is None
 
+
+
+def test_upstream_demo_is_the_demo_with_the_originals_settings_on_both_sides():
+    """upstream_demo: the demo's data and schedule; R-18 from scratch, SGD, mask branch on P3 (stride 8) on both
+    sides; heads matched; the originals beside simbench's BoxInst and SIM (docs/upstream.md)."""
+    from baselines.upstream import translate
+
+    demo, p = load_params(profile_path("demo")), load_params(profile_path("upstream_demo"))
+    assert p["data"] == demo["data"] and p["synthetic"] == demo["synthetic"]  # the demo's 128 px synthetic data
+    for key in ("max_iter", "steps", "batch_size", "warmup_iters", "warmup_factor", "gamma", "momentum", "threads"):
+        assert p["train"][key] == demo["train"][key], key
+    assert (p["model"]["backbone"], p["model"]["pretrained"]) == ("resnet18", "none")
+    assert p["model"]["mask_feat_stride"] == 8  # AdelaiDet's mask branch reads P3
+    assert (p["train"]["optimizer"], p["train"]["lr"]) == ("sgd", 0.01)  # detectron2's only solver
+    assert p["train"]["weight_decay"] == 0.0001 and p["train"]["norm_weight_decay"] == 0.0
+    assert p["train"]["runs_dir"] != demo["train"]["runs_dir"]  # same run names as the demo, other folder
+    assert p["upstream"]["match_heads"] is True and p["upstream"]["scale_constants"] is True
+    assert {n: r["method"] for n, r in p["runs"].items()} == {"mask_s0": "mask", "boxinst_s0": "boxinst",
+                                                              "sim_s0": "sim"}
+    assert all(not r.get("set") for r in p["runs"].values()), "simbench's runs use the shared settings"
+    assert p["upstream_runs"] == {"boxinst_orig_s0": {"code": "adelaidet", "seed": 0},
+                                  "sim_orig_s0": {"code": "sim", "seed": 0}}
+    # nothing is left unequal but what detectron2 cannot do: no `differences` for either code base
+    for code in ("adelaidet", "sim"):
+        opts, differences = translate(dict(p, run="x"), code, num_classes=p["synthetic"]["num_classes"])
+        assert [d for d in differences if not d.startswith("SIM: the release's own recipe")] == [], differences
+        o = dict(zip(opts[0::2], opts[1::2]))
+        assert o["MODEL.RESNETS.DEPTH"] == "18" and o["MODEL.RESNETS.NORM"] == "BN" and o["MODEL.WEIGHTS"] == '""'
+        assert o["MODEL.FPN.OUT_CHANNELS"] == str(p["model"]["fpn_channels"])
+        assert o["SOLVER.BASE_LR"] == "0.01" and o["SOLVER.WEIGHT_DECAY_NORM"] == "0.0"

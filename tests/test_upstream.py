@@ -302,3 +302,22 @@ def test_cli_and_report_rows(fake_env, smoke_params, tmp_path, capsys):
     assert "original code" in table and "boxinst\\_orig\\_s0" in table and "[$+0.0$, $+0.0$]" in table
     boot = json.loads((tmp_path / "out" / "bootstrap.json").read_text())
     assert any(t["table"] == "original_code" for t in boot["tables"])
+
+
+def test_cli_run_takes_set_overrides(fake_env, smoke_params, tmp_path, capsys):
+    """--run names an upstream_runs entry, not a `runs` one: --set still applies (and train.seed is refused)."""
+    import yaml
+
+    params = _params(smoke_params, fake_env, {"u": {"code": "adelaidet", "seed": 2,
+                                                    "set": {"model.backbone": "resnet50"}}})
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    assert cli_main(["upstream", "--run", "u", "--params", str(params_path), "--quiet",
+                     "--set", "train.max_iter=30", "--set", "train.steps=[20]"]) == 0
+    fake = json.loads((Path(params["train"]["runs_dir"]) / "u" / "upstream" / "output" / "fake_record.json").read_text())
+    assert fake["opts"]["SOLVER.MAX_ITER"] == "30" and fake["opts"]["SOLVER.STEPS"] == "(20,)"
+    assert fake["opts"]["SEED"] == "2"
+    capsys.readouterr()
+    assert cli_main(["upstream", "--run", "u", "--params", str(params_path), "--set", "train.seed=5"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "train.seed" in err
