@@ -61,6 +61,8 @@ RUN_KEYS = {"code", "seed", "set", "opts", "config", "compare"}
 TRAIN_NAME, TEST_NAME = "simbench_train", "simbench_val"
 RESULTS_FILE = Path("inference") / "coco_instances_results.json"
 DOCS = "docs/upstream.md"
+# Written by ``setup`` into the copy it builds: the clone it came from, its commit, the C++ fixes.
+SETUP_RECORD = "simbench_setup.json"
 # The paper-scale 1x schedule the released SIM's literal constants belong to.
 SIM_REFERENCE_ITERS = 90000
 # Left out of a copy at the checkout's top level only: version control, build trees, outputs, the
@@ -584,7 +586,24 @@ def setup_checkout(code: str, root: Path, out: Path | None, python: str, build: 
             raise InputError(target / "simbench_build.log", f"building the C++ ops failed (exit {rc}); "
                                                             "see the log's last lines")
         summary["built"] = True
+    if out is not None:  # the copy has no .git: keep where it came from for the runs' run.json
+        summary["dirty"] = git_dirty(root)
+        (target / SETUP_RECORD).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
+
+
+def provenance(root: Path) -> dict:
+    """The checkout's git commit and local changes; for a copy made by ``setup`` (no .git), its clone's."""
+    commit = git_commit_of(root)
+    if commit is not None:
+        return {"commit": commit, "dirty": git_dirty(root), "commit_of": str(root)}
+    record = root / SETUP_RECORD
+    try:
+        setup = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"commit": None, "dirty": None, "commit_of": None}
+    return {"commit": setup.get("commit"), "dirty": setup.get("dirty"), "commit_of": setup.get("source"),
+            "setup": {"cpp_fixes": setup.get("cpp_fixes"), "record": str(record)}}
 
 
 # ---------------------------------------------------------------------------------- running
@@ -713,9 +732,11 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
     if (resolved.get("evaluate") or {}).get("voc_metrics"):
         from sim_core.evaluation.coco_eval import evaluate_voc
         metrics["voc"] = evaluate_voc(val_json, segm, iou_type="segm", backend=backend)
-    commit = git_commit_of(root)
+    origin = provenance(root)
+    commit = origin["commit"]
     upstream_info = {"code": code, "title": CODES[code]["title"], "root": str(root), "commit": commit,
-                     "dirty": git_dirty(root), "python": python, "versions": env_info.get("versions", {}),
+                     "dirty": origin["dirty"], "commit_of": origin["commit_of"],
+                     "setup": origin.get("setup"), "python": python, "versions": env_info.get("versions", {}),
                      "config": config, "opts": opts, "differences": differences,
                      "patch": [p.why for p in patches], "patch_file": "upstream/patch.diff" if patches else None,
                      "private_copy": str(code_root) if code_root != root else None,

@@ -151,6 +151,9 @@ def test_setup_copies_a_real_like_clone_and_builds_it(tmp_path):
         assert not (out / left_out).exists(), left_out
     assert "fake build: wrote adet/_C.py" in (out / "simbench_build.log").read_text()
     assert sorted(str(p.relative_to(clone)) for p in clone.rglob("*")) == before  # the clone is untouched
+    record = json.loads((out / upstream.SETUP_RECORD).read_text())  # the copy has no .git: where it came from
+    assert record["source"] == str(clone.resolve()) and record["cpp_fixes"] == summary["cpp_fixes"]
+    assert upstream.provenance(out)["commit_of"] == str(clone.resolve())
     # the built copy passes the environment check, and a run's private copy keeps its built ops
     import os
     os.environ["PYTHONPATH"] = str(FAKE / "site")
