@@ -8,7 +8,9 @@ asserts a speed; tests never time anything.
 
 Sections (``--only`` picks some): ``methods``, ``engine_vs_torchvision``,
 ``lab``, ``coco_eval``, ``data``, ``mask_grid``, ``memory``, ``ddp``, ``backbones``,
-``diagnostics`` (a step with vs without the supervision-quality diagnostics).
+``diagnostics`` (a step with vs without the supervision-quality diagnostics), ``profile`` (where
+the CPU time of a demo step of each method and of the evaluation stage goes; ``--iters`` profiled
+steps, the first ``--batch`` training samples of the params' data, ``--val-images``).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 
 SECTIONS = ("methods", "engine_vs_torchvision", "lab", "coco_eval", "data", "mask_grid", "memory", "ddp",
-            "backbones", "diagnostics")
+            "backbones", "diagnostics", "profile")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="demo batch size")
     parser.add_argument("--size", type=int, default=128, help="demo image size")
     parser.add_argument("--params", default="params.yaml", help="params file (its model section is the demo model)")
+    parser.add_argument("--val-images", type=int, default=0,
+                        help="profile section: evaluate the first N val images (0: all)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ measured with ``time.perf_counter``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import resource
@@ -31,16 +32,19 @@ class BenchSettings:
     batch: int = 8
     size: int = 128
     params: dict = field(default_factory=dict)
+    val_images: int = 0  # profile section: val images evaluated (0: all)
 
     @classmethod
     def from_args(cls, args: Any) -> "BenchSettings":
         from sim_core.config import load_params, reference_params
 
         params = load_params(args.params) if Path(args.params).is_file() else reference_params()
-        return cls(iters=args.iters, batch=args.batch, size=args.size, params=params)
+        return cls(iters=args.iters, batch=args.batch, size=args.size, params=params,
+                   val_images=int(getattr(args, "val_images", 0) or 0))
 
     def as_dict(self) -> dict:
-        return {"iters": self.iters, "batch": self.batch, "size": self.size, "profile": self.params.get("profile")}
+        return {"iters": self.iters, "batch": self.batch, "size": self.size, "profile": self.params.get("profile"),
+                "val_images": self.val_images}
 
 
 def time_it(fn: Callable[[], Any], iters: int, warmup: int = 2) -> float:
@@ -83,9 +87,14 @@ def _method_step(params: dict, method: str, images, targets, num_classes: int, i
 
 
 def _make_method_step(params: dict, method: str, images, targets, num_classes: int,
-                      overrides: dict | None = None) -> Callable[..., None]:
+                      overrides: dict | None = None,
+                      scope: Callable[[str], Any] | None = None) -> Callable[..., None]:
     """A closure running one training iteration of ``method``; ``step(diagnose=True)`` also
-    computes the supervision-quality diagnostics (as the trainer does on logged iterations)."""
+    computes the supervision-quality diagnostics (as the trainer does on logged iterations).
+
+    ``scope(name)`` (a context manager; default none) is opened around the backward pass and
+    the optimiser step (``experiments/step_profile.py`` passes profiler scopes);
+    ``step.parts`` holds the model, loss, SIM state and optimiser the closure uses."""
     from sim_core.config import apply_overrides
     from sim_core.engine.schedule import build_optimizer
     from sim_core.engine.trainer import autocast_dtype, method_config
@@ -106,6 +115,7 @@ def _make_method_step(params: dict, method: str, images, targets, num_classes: i
     max_iter = 1000
     iteration = [600]  # past every warm-up, so every loss term is active
     mixed = autocast_dtype(torch.device("cpu"), params["train"])  # as the trainer: bfloat16 with train.cpu_amp
+    scope = scope or (lambda name: contextlib.nullcontext())
 
     def step(diagnose: bool = False) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -117,13 +127,17 @@ def _make_method_step(params: dict, method: str, images, targets, num_classes: i
         with torch.autocast("cpu", dtype=mixed or torch.float32, enabled=mixed is not None):
             losses = model.training_losses(ims, tgs, loss_fn, iteration[0], max_iter, extras=extras,
                                            diagnose=diagnose)
-        sum(losses.values()).backward()
-        optimizer.step()
+        total = sum(losses.values())
+        with scope("backward"):
+            total.backward()
+        with scope("optimizer_step"):
+            optimizer.step()
         if state is not None:
             state.after_step(model, iteration[0])
         iteration[0] += 1
 
     model.train()
+    step.parts = {"model": model, "loss_fn": loss_fn, "state": state, "optimizer": optimizer}
     return step
 
 
@@ -159,6 +173,14 @@ def bench_methods(s: BenchSettings) -> dict:
     out["relative_to_mask"] = {k: round(v / base, 3) for k, v in out.items()
                                if isinstance(v, float) and isinstance(base, float)}
     return out
+
+
+def bench_profile(s: BenchSettings) -> dict:
+    """Where a demo step of each method and the evaluation stage spend their CPU time
+    (``torch.profiler``; ``experiments/step_profile.py``)."""
+    from experiments.step_profile import bench_profile as run
+
+    return run(s)
 
 
 DIAGNOSTIC_METHODS = ("boxinst", "boxlevelset", "sim")

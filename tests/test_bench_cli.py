@@ -26,3 +26,36 @@ def test_bench_rejects_unknown_section(tmp_path, capsys):
     assert main(["bench", "--only", "warp", "--out", str(tmp_path / "b.json")]) == 2
     assert "unknown section 'warp'" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_profile_parts_add_up_to_the_step(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--only", "profile", "--iters", "1", "--batch", "2", "--size", "64", "--val-images", "2",
+                 "--params", str(REPO / "experiments" / "profiles" / "smoke.yaml"), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    prof = json.loads(out.read_text())["profile"]
+    assert prof["threads"] == 1 and prof["batch"] == 2
+    for method in ("mask", "boxmask", "boxinst", "boxlevelset", "sim"):
+        entry = prof["methods"][method]
+        assert isinstance(entry, dict), (method, entry)
+        parts = entry["parts_ms"]
+        for name in ("backbone", "fpn", "fcos_head", "mask_branch", "dynamic_mask_head", "fcos_assignment",
+                     "mask_instance_sampling", "optimizer_step", "backward:backbone", "other"):
+            assert name in parts, (method, name, sorted(parts))
+        assert all(v >= 0 for v in parts.values()), (method, parts)
+        assert abs(sum(parts.values()) - entry["step_ms"]) <= 0.001 * len(parts) + 1e-6, (method, entry["step_ms"])
+        assert abs(sum(entry["parts_share"].values()) - 1) < 0.01
+        assert entry["step_ms_unprofiled"] > 0 and entry["gflop_per_step"] > 0
+        assert 0 < len(entry["top_ops_self_cpu"]) <= 15
+    terms = {"boxinst": ("loss_projection", "loss_pairwise"),
+             "boxlevelset": ("levelset_image_term", "levelset_feature_term", "levelset_tree_filter"),
+             "sim": ("sim_teacher_pass", "sim_pseudo_loss", "ema_teacher_update", "sim_prototype_update")}
+    for method, names in terms.items():
+        assert set(names) <= set(prof["methods"][method]["parts_ms"]), (method, names)
+    assert prof["data_loading"]["cached"]["getitem_ms_per_batch"] > 0
+    ev = prof["evaluation"]
+    assert ev["val_images"] == 2
+    for name in ("model_load", "backbone", "coco_evaluation", "other"):
+        assert name in ev["parts_ms"], sorted(ev["parts_ms"])
+    assert all(v >= 0 for v in ev["parts_ms"].values())
+    assert abs(sum(ev["parts_ms"].values()) - ev["total_ms"]) <= 0.001 * len(ev["parts_ms"]) + 1e-6
