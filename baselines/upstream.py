@@ -663,7 +663,8 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
     env_info = check(code, section)
     root = Path(env_info["root"])
     python = env_info["python"]
-    run_dir = Path(runs_dir if runs_dir is not None else resolved["train"]["runs_dir"]) / name
+    # absolute: the launcher runs in run_dir/upstream, and the private copy and config paths derive from it
+    run_dir = Path(runs_dir if runs_dir is not None else resolved["train"]["runs_dir"]).resolve() / name
     work = run_dir / "upstream"
     work.mkdir(parents=True, exist_ok=True)
     data_root = Path(resolved["data"]["root"]).resolve()

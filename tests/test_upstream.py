@@ -324,3 +324,20 @@ def test_cli_run_takes_set_overrides(fake_env, smoke_params, tmp_path, capsys):
     assert cli_main(["upstream", "--run", "u", "--params", str(params_path), "--set", "train.seed=5"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "train.seed" in err
+
+
+def test_relative_runs_dir(fake_env, smoke_params, tmp_path, monkeypatch):
+    """runs_dir relative to the project (as in every profile): the launcher runs in runs/<run>/upstream, so the
+    config of the SIM private copy must reach it as an absolute path (it did not, and detectron2 stopped)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    params = _params(smoke_params, fake_env, {"sim_orig_s0": {"code": "sim", "set": {"model.backbone": "resnet50"}}})
+    params["train"]["runs_dir"] = "runs"
+    upstream.run_upstream(params, "sim_orig_s0", echo=None)
+    run_dir = project / "runs" / "sim_orig_s0"
+    fake = json.loads((run_dir / "upstream" / "output" / "fake_record.json").read_text())
+    config = Path(fake["config_file"])
+    assert config.is_absolute() and config.is_file()
+    assert config.is_relative_to(run_dir / "upstream" / "code")  # the patched private copy's config
+    assert (run_dir / "metrics.json").is_file()
