@@ -226,6 +226,9 @@ def validate_params(params: dict, source: str = "params.yaml") -> None:
         _validate_run(name, run, params, source)
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")  # what sim_core.engine.trainer.pick_device accepts
+
+
 def _check_train(train: dict, source: str) -> None:
     """Numbers the engine divides by or counts with (``train`` after any overrides)."""
     if not train["lr"] > 0:
@@ -237,6 +240,14 @@ def _check_train(train: dict, source: str) -> None:
     threads = train.get("threads", 0)
     if not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0):
         raise InputError(source, f"params key 'train.threads' must be an integer >= 0, got {quote(threads)}")
+    runs_dir = train.get("runs_dir")
+    if not (isinstance(runs_dir, str) and runs_dir.strip()):
+        raise InputError(source, "params key 'train.runs_dir' must name the directory runs are written to "
+                                 f"(e.g. 'runs'), got {quote(runs_dir)}")
+    device = train.get("device", "auto")
+    if not (isinstance(device, str) and DEVICE_PATTERN.fullmatch(device)):
+        raise InputError(source, "params key 'train.device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', "
+                                 f"got {quote(device)}")
     check_batch_split(train["batch_size"], train["batch_per_process"], train["processes"], source)
 
 

@@ -184,9 +184,24 @@ def test_dcn_outputs_and_freezing(dcn):
         assert out[k].shape == (1, dcn.out_channels[k], 64 // stride, 96 // stride)
     assert not dcn.conv1.weight.requires_grad and not dcn.layer1[0].conv1.weight.requires_grad
     assert dcn.layer2[0].conv2.weight.requires_grad and dcn.layer2[0].conv2.conv_offset.weight.requires_grad
-    assert all(isinstance(m, torchvision.ops.FrozenBatchNorm2d) for m in dcn.modules() if "BatchNorm" in type(m).__name__)
+    # from scratch (the fixture): trainable BN, as every torchvision ResNet without weights
+    norms = [m for m in dcn.modules() if "BatchNorm" in type(m).__name__]
+    assert norms and all(type(m) is nn.BatchNorm2d for m in norms)
     with pytest.raises(InputError, match="dcn_interval"):
         build_resnet_dcn({"dcn_interval": 0})
+
+
+def test_dcn_with_weights_freezes_batchnorm_before_loading(tmp_path, monkeypatch):
+    """A weights file makes the BN layers frozen ones (detectron2's FrozenBN) before the file is read."""
+    import sim_core.model.resnet_dcn as resnet_dcn
+
+    seen = {}
+    monkeypatch.setattr(resnet_dcn, "load_backbone_weights",
+                        lambda model, cfg, name: seen.update(norms={type(m) for m in model.modules()
+                                                                    if "BatchNorm" in type(m).__name__}))
+    with torch.device("meta"):
+        build_resnet_dcn({"dcn_interval": 3, "pretrained": str(tmp_path / "r101.pth")})
+    assert seen["norms"] == {torchvision.ops.FrozenBatchNorm2d}
 
 
 def test_dcn_parameter_count_is_resnet101_plus_offsets(dcn):

@@ -85,6 +85,11 @@ TABLE = [
     ("bad batch in a run's set", lambda p: p["runs"]["sim_s0"].update({"set": {"train.batch_per_process": 0}}),
      "", [], "sim_s0", ["runs.sim_s0.set", "train.batch_per_process"]),
     ("run name as a number", lambda p: _rename_run(p, "mask_s0", 7), "", [], "mask_s0", ["run name 7", "text"]),
+    # found by the params fuzzing (tests/test_fuzz_cli.py): each crashed `train` with a traceback
+    ("empty device", lambda p: p["train"].update(device=""), "", [], "mask_s0", ["train.device", "'cuda:N'"]),
+    ("null device", lambda p: p["train"].update(device=None), "", [], "mask_s0", ["train.device", "None"]),
+    ("null runs_dir", lambda p: p["train"].update(runs_dir=None), "", [], "mask_s0", ["train.runs_dir"]),
+    ("missing runs_dir", lambda p: p["train"].pop("runs_dir"), "", [], "mask_s0", ["train.runs_dir"]),
 ]
 
 

@@ -49,6 +49,11 @@ BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet_tiny", "swin_b", "resn
 RESNET_BUILDERS = {18: resnet18, 50: resnet50, 101: resnet101}  # depth -> torchvision builder (tests add small ones)
 
 
+def is_from_scratch(pretrained: Any) -> bool:
+    """``model.pretrained`` asks for random initialisation (``none``/null)."""
+    return str(pretrained or "none").strip().lower() == "none"
+
+
 class TorchvisionResNet(nn.Module):
     """A torchvision ResNet cut after ``layer4``, returning C2 (stride 4), C3, C4, C5.
 
@@ -56,12 +61,16 @@ class TorchvisionResNet(nn.Module):
     torchvision's ImageNet files load as they are.
     """
 
-    def __init__(self, depth: int, freeze_at: int = 2, pretrained: str | None = "none"):
+    def __init__(self, depth: int, freeze_at: int = 2, pretrained: str | None = "none",
+                 frozen_bn: bool | None = None):
+        """``frozen_bn`` None: frozen BN exactly when ``pretrained`` names weights (a subclass that
+        loads its weights itself passes it explicitly)."""
         super().__init__()
         if not 0 <= freeze_at <= 5:
             raise InputError("model.freeze_at", f"must be an integer in 0..5, got {freeze_at!r}")
-        from_scratch = str(pretrained or "none").strip().lower() == "none"
-        net = RESNET_BUILDERS[depth](weights=None, norm_layer=nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d)
+        if frozen_bn is None:
+            frozen_bn = not is_from_scratch(pretrained)
+        net = RESNET_BUILDERS[depth](weights=None, norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.out_channels = {"c2": net.layer1[-1].expansion * 64, "c3": net.layer2[-1].expansion * 128,

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torchvision.ops import DeformConv2d, deform_conv2d
 
 from sim_core.errors import InputError
-from sim_core.model.backbone import TorchvisionResNet
+from sim_core.model.backbone import TorchvisionResNet, is_from_scratch
 from sim_core.model.pretrained import load_backbone_weights
 
 DCN_LAYERS = ("layer2", "layer3", "layer4")  # res3, res4, res5
@@ -104,12 +104,13 @@ class ResNetDCN(TorchvisionResNet):
 
     pretrained_allowed_missing = ("*.conv_offset.*",)
 
-    def __init__(self, interval: int = 3, modulated: bool = True, freeze_at: int = 2):
+    def __init__(self, interval: int = 3, modulated: bool = True, freeze_at: int = 2, frozen_bn: bool = True):
         if not isinstance(interval, int) or interval < 1:
             raise InputError("model.dcn_interval", f"must be an integer >= 1, got {interval!r}")
         if not 0 <= freeze_at <= 5:
             raise InputError("model.freeze_at", f"must be an integer in 0..5, got {freeze_at!r}")
-        super().__init__(101, freeze_at=0)  # frozen below, once the offset convs exist
+        # frozen below, once the offset convs exist; weights are loaded by build_resnet_dcn
+        super().__init__(101, freeze_at=0, frozen_bn=frozen_bn)
         for name in DCN_LAYERS:
             layer = getattr(self, name)
             for i in dcn_block_indices(len(layer), interval):
@@ -122,6 +123,7 @@ def build_resnet_dcn(cfg: dict[str, Any]) -> ResNetDCN:
     interval = cfg.get("dcn_interval", 3)
     if isinstance(interval, bool) or not isinstance(interval, int):
         raise InputError("model.dcn_interval", f"must be an integer >= 1, got {interval!r}")
-    model = ResNetDCN(interval, bool(cfg.get("dcn_modulated", True)), int(cfg.get("freeze_at", 2)))
+    model = ResNetDCN(interval, bool(cfg.get("dcn_modulated", True)), int(cfg.get("freeze_at", 2)),
+                      frozen_bn=not is_from_scratch(cfg.get("pretrained", "none")))
     load_backbone_weights(model, {"pretrained": "none", **cfg, "backbone": "resnet101_dcn"}, "resnet101_dcn")
     return model
