@@ -258,18 +258,13 @@ def _train_batch(s, data_root: Path, params: dict, coco=None) -> tuple[list, lis
 
 
 def profile_method(params: dict, method: str, images, targets, num_classes: int, steps: int) -> dict:
-    from experiments.bench_parts import _make_method_step
+    from experiments.bench_parts import _make_method_step, time_it
     from torch.utils.flop_counter import FlopCounterMode
 
     step = _make_method_step(params, method, images, targets, num_classes, scope=scope)
     parts = step.parts
-    for _ in range((3 if method == "sim" else 2) if steps >= 3 else 1):  # a smoke-sized run warms up once
-        step()
-    samples = []
-    for _ in range(max(1, steps)):
-        tic = time.process_time()
-        step()
-        samples.append(time.process_time() - tic)
+    warmup = (3 if method == "sim" else 2) if steps >= 3 else 1  # a smoke-sized run warms up once
+    step_cpu_s = time_it(step, max(1, steps), warmup=warmup, clock=time.process_time)
     handles: list = []
     with contextlib.ExitStack() as stack:
         _model_scopes(parts["model"], stack, handles)
@@ -284,7 +279,7 @@ def profile_method(params: dict, method: str, images, targets, num_classes: int,
                 h.remove()
     per_step = attribute(prof.events())
     out = _summarise(per_step, prof, max(1, steps))
-    out["step_ms_unprofiled"] = round(statistics.median(samples) * 1000, 3)
+    out["step_ms_unprofiled"] = round(step_cpu_s * 1000, 3)
     # the profiler's intervals are thread wall time (inflated when other jobs share the core):
     # the shares applied to the unprofiled CPU time are the estimate to read
     out["parts_ms_at_unprofiled_step"] = {k: round(v * out["step_ms_unprofiled"], 2)
@@ -293,7 +288,7 @@ def profile_method(params: dict, method: str, images, targets, num_classes: int,
         step()
     flops = counter.get_total_flops()
     out["gflop_per_step"] = round(flops / 1e9, 3)
-    out["gflop_per_s_unprofiled"] = round(flops / 1e9 / statistics.median(samples), 1)
+    out["gflop_per_s_unprofiled"] = round(flops / 1e9 / step_cpu_s, 1)
     return out
 
 
@@ -467,7 +462,7 @@ def compile_check(params_path: str = "params.yaml", steps: int = 5, layout_optim
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
-    from experiments.bench_parts import BenchSettings, _make_method_step
+    from experiments.bench_parts import BenchSettings, _make_method_step, time_it
 
     torch.set_num_threads(1)
     s = BenchSettings.from_args(SimpleNamespace(params=params_path, iters=steps, batch=8, size=128))
@@ -475,18 +470,12 @@ def compile_check(params_path: str = "params.yaml", steps: int = 5, layout_optim
     out: dict = {"threads": 1, "batch": len(images), "layout_optimization": layout_optimization,
                  "channels_last": channels_last}
 
-    def timed(step, n: int) -> float:
-        samples = []
-        for _ in range(n):
-            tic = time.process_time()
-            step()
-            samples.append(time.process_time() - tic)
-        return statistics.median(samples)
+    def timed(step, n: int, warmup: int = 2) -> float:  # median CPU time
+        return time_it(step, n, warmup=warmup, clock=time.process_time)
 
     eager = _make_method_step(s.params, "mask", images, targets, 6)
     if not channels_last:
         eager.parts["model"].to(memory_format=torch.contiguous_format)
-    timed(eager, 2)
     out["eager_step_s"] = round(timed(eager, steps), 4)
     if layout_optimization is not None:
         inductor_config.layout_optimization = layout_optimization
@@ -500,9 +489,8 @@ def compile_check(params_path: str = "params.yaml", steps: int = 5, layout_optim
         step()
         out["first_step_wall_s"] = round(time.perf_counter() - tic, 1)
         out["first_step_cpu_s"] = round(time.process_time() - cpu, 1)
-        timed(step, 2)
         out["compiled_step_s"] = round(timed(step, steps), 4)
-        out["eager_step_s_after"] = round(timed(eager, steps), 4)
+        out["eager_step_s_after"] = round(timed(eager, steps, warmup=0), 4)
     except Exception as exc:  # what fails is the finding
         out["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     return out
