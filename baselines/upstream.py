@@ -418,8 +418,9 @@ def translate(resolved: dict, code: str, num_classes: int, match_heads: bool = T
     else:
         s = resolved["sim"]
         add("MODEL.BOXINST.NUM_PROTO", int(s["num_prototypes"]))
-        differences.append("SIM: the release's own recipe (focal pseudo loss, adaptive tau_high, bank "
-                           "of MODEL.BOXINST.LENGTH, colour threshold of its config); see DESIGN.md 7.2")
+        if s.get("variant", "paper") != "released_code":  # simbench's `released_code` variant is the release's recipe
+            differences.append("SIM: the release's own recipe (focal pseudo loss, adaptive tau_high, bank "
+                               "of MODEL.BOXINST.LENGTH, colour threshold of its config); see DESIGN.md 7.2")
     if float(resolved.get("train", {}).get("processes", 1) or 1) > 1:
         differences.append("processes: simbench splits the batch over processes; upstream --num-gpus")
     return [item for pair in opts for item in pair], differences

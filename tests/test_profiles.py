@@ -152,15 +152,21 @@ def test_upstream_demo_is_the_demo_with_the_originals_settings_on_both_sides():
     assert p["train"]["runs_dir"] == "runs"  # dvc.yaml declares runs/<run>/... for every stage
     assert p["upstream"]["match_heads"] is True and p["upstream"]["scale_constants"] is True
     assert {n: r["method"] for n, r in p["runs"].items()} == {"mask_s0": "mask", "boxinst_s0": "boxinst",
-                                                              "sim_s0": "sim"}
-    assert all(not r.get("set") for r in p["runs"].values()), "simbench's runs use the shared settings"
+                                                              "sim_s0": "sim", "sim_paper_s0": "sim"}
+    # the runs compared with the originals use the shared settings; SIM's are the release's recipe (the
+    # variant simbench keeps for it), the paper's recipe is the one extra run
+    assert all(not r.get("set") for n, r in p["runs"].items() if n != "sim_paper_s0")
+    assert p["sim"]["variant"] == "released_code"
+    assert p["runs"]["sim_paper_s0"]["set"] == {"sim.variant": "paper"}
     assert p["upstream_runs"] == {"boxinst_orig_s0": {"code": "adelaidet", "seed": 0},
                                   "sim_orig_s0": {"code": "sim", "seed": 0}}
     # nothing is left unequal but what detectron2 cannot do: no `differences` for either code base
     for code in ("adelaidet", "sim"):
         opts, differences = translate(dict(p, run="x"), code, num_classes=p["synthetic"]["num_classes"])
-        assert [d for d in differences if not d.startswith("SIM: the release's own recipe")] == [], differences
+        assert differences == [], differences
         o = dict(zip(opts[0::2], opts[1::2]))
         assert o["MODEL.RESNETS.DEPTH"] == "18" and o["MODEL.RESNETS.NORM"] == "BN" and o["MODEL.WEIGHTS"] == '""'
         assert o["MODEL.FPN.OUT_CHANNELS"] == str(p["model"]["fpn_channels"])
         assert o["SOLVER.BASE_LR"] == "0.01" and o["SOLVER.WEIGHT_DECAY_NORM"] == "0.0"
+    paper = dict(p, run="x", sim=dict(p["sim"], variant="paper"))  # simbench's paper recipe against the release
+    assert [d[:36] for d in translate(paper, "sim", num_classes=6)[1]] == ["SIM: the release's own recipe (focal"]
