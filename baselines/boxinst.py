@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from baselines.lab import batch_color_similarity, color_similarity, unfold_neighbours
+from baselines.lab import batch_color_similarity, color_similarity, neighbour_offsets, unfold_neighbours
 from sim_core.errors import InputError
 from sim_core.evaluation.supervision_quality import diagnosable_rows, kept_pair_quality, one_row_per_gt
 from sim_core.model.mask_inputs import MaskLossInputs, dice_loss, zero_loss
@@ -45,7 +45,9 @@ __all__ = [
     "resolve_config",
     "projection_loss",
     "pairwise_log_same",
+    "pairwise_log_same_at",
     "pairwise_loss",
+    "pairwise_loss_dense",
     "pairwise_warmup_weight",
     "color_similarity",
 ]
@@ -143,14 +145,60 @@ def pairwise_log_same(mask_logits: Tensor, kernel: int = 3, dilation: int = 2) -
 
 def pairwise_loss(mask_logits: Tensor, similarity: Tensor, box_masks: Tensor,
                   color_thresh: float = 0.3, kernel: int = 3, dilation: int = 2,
-                  pair_weights: Tensor | None = None) -> Tensor:
+                  pair_weights: Tensor | None = None, im_inds: Tensor | None = None) -> Tensor:
     """Mean ``-log P(same)`` over pairs with similarity >= thresh whose centre is in the box.
 
     ``similarity`` is ``[P, K, h, w]`` (the image's colour similarity gathered
-    per instance), ``box_masks`` ``[P, h, w]`` or ``[P, 1, h, w]``.
+    per instance), or ``[B, K, h, w]`` per image with ``im_inds`` ``[P]``
+    giving each instance's image; ``box_masks`` ``[P, h, w]`` or ``[P, 1, h, w]``.
     ``pair_weights`` (optional, ``[P, K, h, w]``) multiplies each selected
     pair (e.g. a feature-similarity factor or a 0/1 mask). The normaliser is
     the sum of the final weights, clamped at 1. Returns a scalar (not ramped).
+
+    The value is that of :func:`pairwise_loss_dense`: ``-(pairwise_log_same(...)
+    * weights).sum() / weights.sum().clamp(min=1)``. Most of the ``[P, K, h, w]``
+    pairs lie outside the box or below the colour threshold; their zero
+    weights contribute nothing to the value or the gradient (for finite
+    logits), so the selected pairs are found first (in-box pixels, then their
+    neighbours' similarity) and ``log P(same)`` is evaluated for those only
+    (:func:`pairwise_log_same_at`). Only the order of the two sums differs.
+    """
+    if mask_logits.dim() != 4 or mask_logits.shape[1] != 1:
+        raise ValueError(f"mask_logits must be [P, 1, h, w], got {tuple(mask_logits.shape)}")
+    num, _, height, width = mask_logits.shape
+    num_pairs = len(neighbour_offsets(kernel, dilation))
+    rows = num if im_inds is None else None
+    if (similarity.dim() != 4 or similarity.shape[1:] != (num_pairs, height, width)
+            or (rows is not None and similarity.shape[0] != rows)
+            or (im_inds is not None and im_inds.shape != (num,))):
+        expected = (num if im_inds is None else "B", num_pairs, height, width)
+        raise ValueError(f"similarity {tuple(similarity.shape)} does not match pairs {expected}"
+                         + ("" if im_inds is None else f" with im_inds {tuple(im_inds.shape)}"))
+    dtype = mask_logits.dtype
+    boxes = box_masks.reshape(num, height * width).to(dtype)
+    with torch.no_grad():
+        inst, pixel = torch.nonzero(boxes != 0, as_tuple=True)  # centres inside the box
+        rows_of = inst if im_inds is None else im_inds[inst]
+        candidate = similarity.reshape(similarity.shape[0], num_pairs, height * width).transpose(1, 2)[rows_of, pixel]
+        chosen = candidate >= color_thresh
+        if not color_thresh > 0:
+            chosen &= candidate > 0
+        centre, k = torch.nonzero(chosen, as_tuple=True)
+        inst, pixel = inst[centre], pixel[centre]
+    weights = boxes[inst, pixel]
+    if pair_weights is not None:
+        weights = weights * pair_weights.reshape(num, num_pairs, height * width)[inst, k, pixel].to(dtype)
+    log_same = pairwise_log_same_at(mask_logits, inst, k, pixel, kernel, dilation)
+    return -(log_same * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def pairwise_loss_dense(mask_logits: Tensor, similarity: Tensor, box_masks: Tensor,
+                        color_thresh: float = 0.3, kernel: int = 3, dilation: int = 2,
+                        pair_weights: Tensor | None = None) -> Tensor:
+    """:func:`pairwise_loss` written out over every pair ``[P, K, h, w]`` (the reference).
+
+    ``log P(same)`` of all pairs times their weights (mostly 0); the tests
+    compare :func:`pairwise_loss` with it.
     """
     log_same = pairwise_log_same(mask_logits, kernel, dilation)
     if similarity.shape != log_same.shape:
@@ -162,6 +210,34 @@ def pairwise_loss(mask_logits: Tensor, similarity: Tensor, box_masks: Tensor,
     if pair_weights is not None:
         weights = weights * pair_weights.to(log_same.dtype)
     return -(log_same * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def pairwise_log_same_at(mask_logits: Tensor, inst: Tensor, k: Tensor, pixel: Tensor,
+                         kernel: int = 3, dilation: int = 2) -> Tensor:
+    """``pairwise_log_same(mask_logits, kernel, dilation)[inst, k, y, x]`` for the given pairs only.
+
+    ``inst``, ``k`` (neighbour index, :func:`baselines.lab.neighbour_offsets`
+    order) and ``pixel`` (``y * w + x``) are equal-length index vectors.
+    ``log p`` and ``log(1 - p)`` are taken once per pixel and zero-padded as
+    :func:`pairwise_log_same` pads them (a neighbour outside the map reads 0);
+    the two ends of every pair are gathered from the padded maps before the
+    ``logaddexp``. Same values, same gradient.
+    """
+    offsets = neighbour_offsets(kernel, dilation)
+    _, _, height, width = mask_logits.shape
+    pad = dilation * (kernel // 2)
+    padded_w = width + 2 * pad
+    padded_hw = (height + 2 * pad) * padded_w
+    log_fg = F.pad(F.logsigmoid(mask_logits), (pad, pad, pad, pad)).reshape(-1)
+    log_bg = F.pad(F.logsigmoid(-mask_logits), (pad, pad, pad, pad)).reshape(-1)
+    with torch.no_grad():  # flat index in the padded maps of each pair's centre and of its neighbour
+        shift = torch.tensor([dy * padded_w + dx for dy, dx in offsets], dtype=torch.long,
+                             device=mask_logits.device)
+        centre = inst * padded_hw + (pixel // width + pad) * padded_w + pixel % width + pad
+        neighbour = centre + shift[k]
+    # index_select: its backward is an index_add, cheaper on CPU than advanced indexing's
+    return torch.logaddexp(log_fg.index_select(0, centre) + log_fg.index_select(0, neighbour),
+                           log_bg.index_select(0, centre) + log_bg.index_select(0, neighbour))
 
 
 def pairwise_warmup_weight(iteration: int, max_iter: int, cfg: Mapping[str, Any]) -> float:
@@ -226,10 +302,10 @@ class BoxInstLoss(nn.Module):
         boxes = self._box_masks(inputs, logits)
         if image_similarity is None:
             image_similarity = self.image_similarity(inputs)
-        similarity = image_similarity[inputs.im_inds].float()
         ramp = pairwise_warmup_weight(inputs.iteration, inputs.max_iter, cfg)
-        loss = pairwise_loss(logits, similarity, boxes, cfg["pairwise_color_thresh"],
-                             cfg["pairwise_kernel"], cfg["pairwise_dilation"], pair_weights)
+        loss = pairwise_loss(logits, image_similarity.float(), boxes, cfg["pairwise_color_thresh"],
+                             cfg["pairwise_kernel"], cfg["pairwise_dilation"], pair_weights,
+                             im_inds=inputs.im_inds)
         return loss * ramp
 
     def pair_quality(self, inputs: MaskLossInputs, image_similarity: Tensor) -> dict[str, float]:

@@ -48,6 +48,7 @@ __all__ = [
     "build_tree_schedule",
     "tree_edge_weights",
     "tree_filter",
+    "tree_filter_reference",
     "filter_along_mst",
     "time_tree_filter",
 ]
@@ -62,7 +63,9 @@ class TreeSchedule:
     ``d``. ``parent_pos[d]`` (for ``d >= 1``) holds, for every node of level
     ``d``, the position of its parent inside level ``d - 1``. ``parent`` is
     the parent id of every node (a root is its own parent) and ``inverse`` is
-    the position of each node id inside ``order``.
+    the position of each node id inside ``order``. ``parent_index`` is, for
+    every position of ``order``, the position of that node's parent in
+    ``order`` (a root points at itself).
     """
 
     shape: tuple[int, int, int]
@@ -71,6 +74,7 @@ class TreeSchedule:
     parent: Tensor
     level_sizes: list[int]
     parent_pos: list[Tensor]
+    parent_index: Tensor | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -148,12 +152,12 @@ def build_tree_schedule(guide: Tensor) -> TreeSchedule:
     starts = np.concatenate([[0], np.cumsum(level_sizes)[:-1]])
     position = np.empty_like(order)
     position[order] = np.arange(order.size)
-    pos_in_level = position - starts[depth_all]
+    parent_index = position[parent_all[order]]  # level-order position of each node's parent
+    # position of the parent inside its own level, for every node of levels 1.. (one split)
+    parent_in_level = parent_index - np.repeat(np.concatenate([[0], starts[:-1]]), level_sizes)
     device = guide.device
-    parent_pos = [torch.empty(0, dtype=torch.long, device=device)]
-    for d in range(1, len(level_sizes)):
-        nodes = order[starts[d]:starts[d] + level_sizes[d]]
-        parent_pos.append(torch.from_numpy(pos_in_level[parent_all[nodes]]).to(device))
+    parent_pos = [torch.empty(0, dtype=torch.long, device=device),
+                  *torch.from_numpy(parent_in_level[level_sizes[0]:]).to(device).split(level_sizes[1:])]
     return TreeSchedule(
         shape=(batch, height, width),
         order=torch.from_numpy(order).to(device),
@@ -161,6 +165,7 @@ def build_tree_schedule(guide: Tensor) -> TreeSchedule:
         parent=torch.from_numpy(parent_all).to(device),
         level_sizes=level_sizes,
         parent_pos=parent_pos,
+        parent_index=torch.from_numpy(parent_index).to(device),
     )
 
 
@@ -177,16 +182,100 @@ def tree_edge_weights(embed: Tensor, schedule: TreeSchedule, sigma: float = 1.0)
     return torch.exp(-dist / sigma)
 
 
+def _two_passes(values: Tensor, weights: Tensor, schedule: TreeSchedule) -> tuple[Tensor, Tensor]:
+    """``(A, F)`` of the two tree passes over ``values`` ``[N, C]`` (both in BFS level order).
+
+    Leaf-to-root ``A_v = x_v + sum_{c child of v} w_c A_c``, then root-to-leaf
+    ``F_root = A_root``, ``F_v = w_v F_parent + (1 - w_v^2) A_v`` (no autograd:
+    :class:`_TreePasses` supplies the gradient). One ``mul`` + ``index_add_``
+    per level up and one gather + ``mul`` + ``add_`` per level down, into
+    preallocated level-order buffers.
+    """
+    sizes = schedule.level_sizes
+    depth = len(sizes)
+    w_col = weights.unsqueeze(1)
+    aggregated = values.clone()
+    a_levels = aggregated.split(sizes)
+    w_levels = w_col.split(sizes)
+    for d in range(depth - 1, 0, -1):
+        a_levels[d - 1].index_add_(0, schedule.parent_pos[d], w_levels[d] * a_levels[d])
+    keep = (1.0 - w_col * w_col) * aggregated  # (1 - w_v^2) A_v for every node at once
+    full = torch.empty_like(aggregated)
+    f_levels = full.split(sizes)
+    k_levels = keep.split(sizes)
+    f_levels[0].copy_(a_levels[0])
+    for d in range(1, depth):
+        torch.mul(w_levels[d], f_levels[d - 1].index_select(0, schedule.parent_pos[d]), out=f_levels[d])
+        f_levels[d].add_(k_levels[d])
+    return aggregated, full
+
+
+def _parent_index(schedule: TreeSchedule) -> Tensor:
+    if schedule.parent_index is not None:
+        return schedule.parent_index
+    return schedule.inverse[schedule.parent[schedule.order]]
+
+
+class _TreePasses(torch.autograd.Function):
+    """``F = S x`` in level order with ``S(i, j) = prod_{path} w`` (unnormalised filter).
+
+    ``S`` is symmetric, so the gradient w.r.t. ``x`` is the same two passes
+    run on the output gradient ``g``: ``(A_g, F_g) = passes(g)``, ``dx = F_g``.
+    For the weight of node ``v`` (edge to its parent ``p``), from the two
+    recurrences: ``dw_v = <A_g[v], F[p]> + <A[v], F_g[p]> - 2 w_v <A_g[v], A[v]>``
+    (roots: 0).
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, weights: Tensor, schedule: TreeSchedule) -> Tensor:
+        aggregated, full = _two_passes(values, weights, schedule)
+        ctx.schedule = schedule
+        ctx.save_for_backward(weights, aggregated, full)
+        return full
+
+    @staticmethod
+    def backward(ctx, grad_full: Tensor):
+        weights, aggregated, full = ctx.saved_tensors
+        schedule = ctx.schedule
+        grad_agg, grad_values = _two_passes(grad_full.contiguous(), weights, schedule)
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            parent = _parent_index(schedule)
+            grad_weights = ((grad_agg * full[parent]).sum(dim=1) + (aggregated * grad_values[parent]).sum(dim=1)
+                            - 2.0 * weights * (grad_agg * aggregated).sum(dim=1))
+            grad_weights[:schedule.level_sizes[0]] = 0.0  # roots have no edge
+        return grad_values if ctx.needs_input_grad[0] else None, grad_weights, None
+
+
 def tree_filter(features: Tensor, schedule: TreeSchedule, edge_weights: Tensor) -> Tensor:
     """Normalised tree filtering of ``features`` ``[B, C, H, W]`` along ``schedule``.
 
     ``edge_weights`` ``[B*H*W]`` is the weight of the edge from each node to
     its parent, in ``(0, 1]``. Output has the shape of ``features``.
+    The two passes run as one autograd node (:class:`_TreePasses`, gradient
+    written out); :func:`tree_filter_reference` is the same filter with
+    autograd through every level.
     """
     batch, channels, height, width = features.shape
     if (batch, height, width) != schedule.shape:
         raise ValueError(f"features {tuple(features.shape)} do not match the tree {schedule.shape}")
     # float16 would overflow: the normaliser sums up to one weight per node
+    compute_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    nodes = features.permute(0, 2, 3, 1).reshape(-1, channels).to(compute_dtype)
+    ones = torch.ones_like(nodes[:, :1])
+    values = torch.cat([nodes, ones], dim=1)[schedule.order]
+    weights = edge_weights.to(values.dtype)[schedule.order]
+    full = _TreePasses.apply(values, weights, schedule)
+    out = full[schedule.inverse]
+    out = out[:, :channels] / out[:, channels:]
+    return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(features.dtype)
+
+
+def tree_filter_reference(features: Tensor, schedule: TreeSchedule, edge_weights: Tensor) -> Tensor:
+    """:func:`tree_filter` with autograd through every level (the straightforward version, for tests)."""
+    batch, channels, height, width = features.shape
+    if (batch, height, width) != schedule.shape:
+        raise ValueError(f"features {tuple(features.shape)} do not match the tree {schedule.shape}")
     compute_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     nodes = features.permute(0, 2, 3, 1).reshape(-1, channels).to(compute_dtype)
     ones = torch.ones_like(nodes[:, :1])

@@ -102,12 +102,28 @@ class FCOSHead(nn.Module):
             c = self.cls_tower(feat)
             b = self.box_tower(feat)
             cls.append(self.cls_logits(c))
-            reg = scale(self.box_pred(b))
-            reg = F.relu(reg) if self.box_activation == "relu" else torch.exp(reg.clamp(max=math.log(INF)))
-            box.append(reg * stride)
+            box.append(self._box_regression(b, scale, stride))
             ctr.append(self.ctr_pred(b))
             ctl.append(self.controller(b))
         return cls, box, ctr, ctl
+
+    def box_outputs(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per level: ltrb pixels and controllers only, as :meth:`forward` computes them.
+
+        The classification tower, the class logits and the centerness are
+        skipped (SIM's teacher reads boxes and controllers only).
+        """
+        box, ctl = [], []
+        for feat, scale, stride in zip(feats, self.scales, self.strides):
+            b = self.box_tower(feat)
+            box.append(self._box_regression(b, scale, stride))
+            ctl.append(self.controller(b))
+        return box, ctl
+
+    def _box_regression(self, b: Tensor, scale: "Scale", stride: int) -> Tensor:
+        reg = scale(self.box_pred(b))
+        reg = F.relu(reg) if self.box_activation == "relu" else torch.exp(reg.clamp(max=math.log(INF)))
+        return reg * stride
 
 
 def compute_locations(h: int, w: int, stride: int, device: torch.device | str = "cpu") -> Tensor:

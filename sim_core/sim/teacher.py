@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from sim_core.model.fcos import compute_locations
 from sim_core.sim.ema import EMATeacher
 from sim_core.sim.self_correction import instance_probability_map, iou_weights
 
@@ -39,19 +40,61 @@ def teacher_network(teacher: nn.Module) -> nn.Module:
     return teacher.model if isinstance(teacher, EMATeacher) else teacher
 
 
+@dataclass
+class TeacherOutputs:
+    """The part of ``DetectorOutputs`` the teacher pass reads (same fields, same values)."""
+
+    box_reg: Tensor  # [B, N, 4]
+    controllers: Tensor  # [B, N, K]
+    locations: Tensor  # [N, 2]
+    strides: Tensor  # [N]
+    mask_feats: Tensor  # [B, Cm, H/s, W/s]
+
+
+def _flatten(maps: list[Tensor]) -> Tensor:
+    """Per-level ``[B, C, h, w]`` -> ``[B, sum(h*w), C]`` (as ``CondInst.forward`` flattens)."""
+    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, m.shape[1]) for m in maps], dim=1)
+
+
+def teacher_forward(net: nn.Module, images_norm: Tensor) -> TeacherOutputs:
+    """``net(images_norm)`` without the outputs :func:`run_teacher` never reads.
+
+    Backbone, neck, mask branch and the FCOS head's box tower with its box
+    regression and controller run exactly as in ``CondInst.forward``; the
+    classification tower, class logits and centerness (used by the student's
+    detection loss, its instance sampling and inference, never by the
+    teacher's pseudo labels) are skipped.
+    """
+    feats = net.backbone(images_norm)
+    pyramid = net.neck(feats)
+    if len(pyramid) != len(net.fpn_strides):
+        raise ValueError(f"neck returned {len(pyramid)} levels, expected {len(net.fpn_strides)}")
+    box, ctl = net.head.box_outputs(pyramid)
+    mask_feats = net.mask_branch(pyramid, feats.get("c2"))
+    device = images_norm.device
+    locs, strides = [], []
+    for feat, stride in zip(pyramid, net.fpn_strides):
+        loc = compute_locations(feat.shape[-2], feat.shape[-1], stride, device)
+        locs.append(loc)
+        strides.append(torch.full((len(loc),), stride, dtype=torch.long, device=device))
+    return TeacherOutputs(box_reg=_flatten(box), controllers=_flatten(ctl), locations=torch.cat(locs),
+                          strides=torch.cat(strides), mask_feats=mask_feats)
+
+
 @torch.no_grad()
 def run_teacher(teacher: nn.Module, images_norm: Tensor, assignment, chunk: int = 256) -> TeacherPredictions:
     """Teacher forward on ``images_norm`` and its masks/boxes at every positive of ``assignment``.
 
     ``assignment`` is the student's ``FCOSAssignment`` (``pos_im_inds``,
     ``pos_loc_inds``, ``pos_gt_inds``, ``gt_boxes``). Masks are computed in
-    chunks of ``chunk`` positives to bound memory.
+    chunks of ``chunk`` positives to bound memory. The network runs through
+    :func:`teacher_forward` (no classification tower: nothing here reads it).
     """
     net = teacher_network(teacher)
     was_training = net.training
     net.eval()
     try:
-        out = net(images_norm)
+        out = teacher_forward(net, images_norm)
         im, loc = assignment.pos_im_inds, assignment.pos_loc_inds
         probs = []
         for start in range(0, int(loc.numel()), chunk):

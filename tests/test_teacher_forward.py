@@ -1,0 +1,99 @@
+"""SIM's teacher pass without the classification tower reads exactly what the full forward gave it."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from sim_core.model.condinst import DEMO_MODEL_CFG, CondInst
+from sim_core.sim.ema import EMATeacher
+from sim_core.sim.teacher import TeacherPredictions, run_teacher, teacher_forward, teacher_network
+
+
+def reference_run_teacher(teacher, images_norm, assignment, chunk=256):
+    """``run_teacher`` as it was: the full ``net(images_norm)`` forward."""
+    net = teacher_network(teacher)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(images_norm)
+            im, loc = assignment.pos_im_inds, assignment.pos_loc_inds
+            probs = []
+            for start in range(0, int(loc.numel()), chunk):
+                i, l_ = im[start:start + chunk], loc[start:start + chunk]
+                logits = net.instance_mask_logits(out.mask_feats, out.controllers[i, l_], out.locations[l_], i,
+                                                  out.strides[l_])
+                probs.append(logits.sigmoid()[:, 0].float())
+            factor = net.mask_head.feat_stride // net.mask_head.out_stride
+            h, w = out.mask_feats.shape[-2] * factor, out.mask_feats.shape[-1] * factor
+            pos_probs = torch.cat(probs) if probs else out.mask_feats.new_zeros((0, h, w))
+            pos_boxes = net.decode_boxes(out.locations[loc], out.box_reg[im, loc]).float()
+    finally:
+        net.train(was_training)
+    return TeacherPredictions(mask_feats=out.mask_feats.detach().float(), pos_probs=pos_probs,
+                              pos_boxes=pos_boxes, pos_gt_inds=assignment.pos_gt_inds,
+                              num_gts=int(assignment.gt_boxes.shape[0]))
+
+
+def setup(seed=0, size=64, n=2):
+    torch.manual_seed(seed)
+    model = CondInst(3, DEMO_MODEL_CFG)
+    g = torch.Generator().manual_seed(seed + 1)
+    images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g) for _ in range(n)]
+    targets = [{"boxes": torch.tensor([[6.0, 8.0, 28.0, 30.0], [26.0, 30.0, 58.0, 60.0]]),
+                "labels": torch.tensor([0, 2])} for _ in range(n)]
+    pre = model.preprocess(images)
+    with torch.no_grad():
+        assignment = model.assign(model(pre.images_norm), targets)
+    # a trained-looking teacher: perturb the EMA copy so it differs from a fresh init
+    teacher = EMATeacher(model, 0.99)
+    with torch.no_grad():
+        for p in teacher.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    return model, teacher, pre.images_norm, assignment
+
+
+def test_teacher_forward_fields_equal_the_full_forward():
+    _, teacher, images_norm, _ = setup()
+    net = teacher.model
+    with torch.no_grad():
+        full = net(images_norm)
+        part = teacher_forward(net, images_norm)
+    for name in ("box_reg", "controllers", "locations", "strides", "mask_feats"):
+        assert torch.equal(getattr(part, name), getattr(full, name)), name
+
+
+def assert_same_predictions(a: TeacherPredictions, b: TeacherPredictions):
+    assert torch.equal(a.mask_feats, b.mask_feats)
+    assert torch.equal(a.pos_probs, b.pos_probs)
+    assert torch.equal(a.pos_boxes, b.pos_boxes)
+    assert torch.equal(a.pos_gt_inds, b.pos_gt_inds) and a.num_gts == b.num_gts
+
+
+def test_run_teacher_equals_the_full_forward_version():
+    _, teacher, images_norm, assignment = setup()
+    assert assignment.pos_loc_inds.numel() > 0
+    assert_same_predictions(run_teacher(teacher, images_norm, assignment),
+                            reference_run_teacher(teacher, images_norm, assignment))
+    # small chunks, and a bare network instead of the EMA wrapper
+    assert_same_predictions(run_teacher(teacher.model, images_norm, assignment, chunk=3),
+                            reference_run_teacher(teacher.model, images_norm, assignment, chunk=3))
+
+
+def test_run_teacher_with_no_positives_and_one_image():
+    _, teacher, images_norm, assignment = setup(seed=3, n=1)
+    empty = SimpleNamespace(pos_im_inds=assignment.pos_im_inds[:0], pos_loc_inds=assignment.pos_loc_inds[:0],
+                            pos_gt_inds=assignment.pos_gt_inds[:0], gt_boxes=assignment.gt_boxes[:0])
+    new = run_teacher(teacher, images_norm, empty)
+    assert new.pos_probs.shape[0] == 0
+    assert_same_predictions(new, reference_run_teacher(teacher, images_norm, empty))
+    assert_same_predictions(run_teacher(teacher, images_norm, assignment),
+                            reference_run_teacher(teacher, images_norm, assignment))
+
+
+def test_student_training_mode_is_restored():
+    model, _, images_norm, assignment = setup()
+    model.train()
+    run_teacher(model, images_norm, assignment)
+    assert model.training
