@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from baselines import build_mask_loss
 from sim_core.model.condinst import DEMO_MODEL_CFG, CondInst
-from sim_core.sim.ema import EMATeacher
+from sim_core.sim.ema import EMATeacher, batch_statistics
 from sim_core.sim.sim_loss import SIMLoss, SIMStepRecord
 from sim_core.sim.trainer_hooks import SIMTrainingState
 
@@ -81,6 +82,56 @@ def _step(model, loss, state, iteration: int, max_iter: int = 10, seed: int = 0)
     images, targets = state.before_step(images, targets, iteration)
     losses = model.training_losses(images, targets, loss, iteration, max_iter, extras=state.extras())
     return losses, targets
+
+
+def test_batch_statistics_normalises_with_the_batch_and_leaves_running_statistics_alone():
+    """The teacher pass's BatchNorm: batch mean/var of the input, buffers and flags unchanged afterwards."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    bn = net[1]
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(9.0)
+    bn.num_batches_tracked.fill_(7)
+    net.eval()
+    x = torch.randn(4, 3, 8, 8) * 3 + 2
+    with torch.no_grad(), batch_statistics(net):
+        assert bn.training and not net[0].training
+        out = net(x)
+    conv = net[0](x).detach()
+    mean, var = conv.mean(dim=(0, 2, 3)), conv.var(dim=(0, 2, 3), unbiased=False)
+    expected = torch.relu((conv - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + bn.eps)
+                          * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.equal(bn.running_mean, torch.full((4,), 5.0)) and torch.equal(bn.running_var, torch.full((4,), 9.0))
+    assert int(bn.num_batches_tracked) == 7 and bn.momentum == 0.1 and not bn.training
+    with torch.no_grad():  # outside the block: the running statistics again
+        again = net(x)
+    assert not torch.allclose(again, out, atol=1e-3)
+
+
+def test_teacher_pass_uses_batch_statistics_in_a_batchnorm_backbone():
+    """run_teacher's masks are those of the teacher with batch-statistics BatchNorm, not its running statistics."""
+    from sim_core.sim.teacher import run_teacher
+
+    torch.manual_seed(0)
+    student = CondInst(3, dict(DEMO_MODEL_CFG, tiny_norm="BN"))  # the demo's BatchNorm backbone
+    teacher = EMATeacher(student, momentum=0.9)
+    layers = [m for m in teacher.model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert layers
+    for m in layers:  # running statistics far from any batch's
+        m.running_mean.fill_(3.0)
+        m.running_var.fill_(0.01)
+    images = torch.randn(2, 3, 64, 64)
+    assignment = SimpleNamespace(pos_im_inds=torch.tensor([0, 1]), pos_loc_inds=torch.tensor([3, 5]),
+                                 pos_gt_inds=torch.tensor([0, 1]), gt_boxes=torch.tensor([[0., 0, 9, 9], [1, 1, 20, 20]]))
+    pred = run_teacher(teacher, images, assignment)
+    net = teacher.model
+    with torch.no_grad(), batch_statistics(net):
+        feats = net(images).mask_feats
+    with torch.no_grad():
+        running = net(images).mask_feats
+    assert torch.allclose(pred.mask_feats, feats.float(), atol=1e-5)
+    assert not torch.allclose(pred.mask_feats, running.float(), atol=1e-2)
 
 
 def test_one_sim_training_step_gives_finite_losses_and_updates_the_state():

@@ -6,17 +6,17 @@ from types import SimpleNamespace
 import torch
 
 from sim_core.model.condinst import DEMO_MODEL_CFG, CondInst
-from sim_core.sim.ema import EMATeacher
+from sim_core.sim.ema import EMATeacher, batch_statistics
 from sim_core.sim.teacher import TeacherPredictions, run_teacher, teacher_forward, teacher_network
 
 
 def reference_run_teacher(teacher, images_norm, assignment, chunk=256):
-    """``run_teacher`` as it was: the full ``net(images_norm)`` forward."""
+    """``run_teacher`` as it was: the full ``net(images_norm)`` forward (BatchNorm on batch statistics)."""
     net = teacher_network(teacher)
     was_training = net.training
     net.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), batch_statistics(net):
             out = net(images_norm)
             im, loc = assignment.pos_im_inds, assignment.pos_loc_inds
             probs = []

@@ -12,16 +12,30 @@ Design choices (why):
 - Parameters are averaged; buffers (BatchNorm running statistics, counters)
   are copied from the student, because averaging integer counters is
   meaningless and running statistics are already averages.
-- The teacher never receives gradients (``requires_grad=False``) and always
-  runs in ``eval`` mode: ``train()`` on it is a no-op, so a training loop that
-  calls ``model.train()`` on everything cannot switch the teacher's
-  BatchNorm to batch statistics or make it non-deterministic.
+- The teacher never receives gradients (``requires_grad=False``) and stays in
+  ``eval`` mode: ``train()`` on it is a no-op, so a training loop that calls
+  ``model.train()`` on everything cannot change it.
+- During the teacher pass (:func:`sim_core.sim.teacher.run_teacher`) its
+  trainable BatchNorm layers normalise with the statistics of the batch
+  (:func:`batch_statistics`), not with the running statistics copied from the
+  student. That is what the released code does (its teacher modules are
+  submodules of the detector, which trains in ``train`` mode; its BatchNorm
+  buffers are copied from the student after each step and refreshed by the
+  teacher's own forward, so they never normalise anything). The paper does
+  not say. It matters only where BatchNorm trains: the demo's backbone and
+  ``upstream_demo``'s R-18 from scratch; paper-scale profiles freeze it.
+  Running statistics were measured to fail there: they describe the student's
+  activations, and the teacher's weights lag behind the student's by the EMA,
+  so early in a from-scratch run the teacher's normalised activations are off
+  (``docs/sim.md``, "The teacher's BatchNorm").
 - A student wrapped in ``DistributedDataParallel`` is unwrapped (``.module``)
   before copying or updating, so parameter names line up.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +44,31 @@ from torch import Tensor, nn
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside a DDP / DataParallel wrapper (or the model itself)."""
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Inside the block, ``model``'s BatchNorm layers normalise with the batch's statistics.
+
+    Their running statistics and counters are left exactly as they were
+    (momentum 0 while the block runs, the counter restored), and their
+    train/eval flags are restored on exit. Frozen BatchNorm (not a
+    ``_BatchNorm``) is unaffected.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in layers]
+    for m in layers:
+        m.train()
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (training, momentum, count) in zip(layers, saved):
+            m.train(training)
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 class EMATeacher(nn.Module):

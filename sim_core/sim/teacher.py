@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sim_core.model.fcos import compute_locations
-from sim_core.sim.ema import EMATeacher
+from sim_core.sim.ema import EMATeacher, batch_statistics
 from sim_core.sim.self_correction import instance_probability_map, iou_weights
 
 
@@ -94,7 +94,8 @@ def run_teacher(teacher: nn.Module, images_norm: Tensor, assignment, chunk: int 
     was_training = net.training
     net.eval()
     try:
-        out = teacher_forward(net, images_norm)
+        with batch_statistics(net):  # as the released code's teacher (sim_core.sim.ema)
+            out = teacher_forward(net, images_norm)
         im, loc = assignment.pos_im_inds, assignment.pos_loc_inds
         probs = []
         for start in range(0, int(loc.numel()), chunk):
