@@ -3,7 +3,7 @@
     simbench upstream --run NAME [--params params.yaml] [--set key=value ...]
         run ``upstream_runs.NAME`` (code adelaidet or sim) from the checkout named by
         ``upstream.<code>.root``; writes runs/NAME/{segm.json, bbox.json, metrics.json, run.json}
-    simbench upstream check --code adelaidet|sim [--params ...]
+    simbench upstream check --code adelaidet|sim [--root BUILT] [--python PY] [--params ...]
         only check the environment (checkout, detectron2, compiled ops)
     simbench upstream setup --code adelaidet|sim --root CLONE [--out DIR] [--python PY] [--no-build]
         copy a fresh clone to DIR, apply the current-torch C++ fixes and build its ops in place
@@ -26,9 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default=None, help="name of an upstream_runs entry in params")
     parser.add_argument("--runs-dir", default=None, help="runs directory (default: train.runs_dir)")
     parser.add_argument("--code", default=None, choices=["adelaidet", "sim"], help="check/setup: which code base")
-    parser.add_argument("--root", default=None, help="setup: the clone to build (left untouched with --out)")
+    parser.add_argument("--root", default=None, help="setup: the clone to build (left untouched with --out); "
+                                                     "check: the built checkout (default: upstream.<code>.root)")
     parser.add_argument("--out", default=None, help="setup: where the fixed copy goes (default: edit --root)")
-    parser.add_argument("--python", default=None, help="setup: interpreter to build with (default: upstream.python)")
+    parser.add_argument("--python", default=None, help="setup: interpreter to build with; check: the interpreter "
+                                                       "to check (default: upstream.python)")
     parser.add_argument("--no-build", action="store_true", help="setup: apply the fixes only")
     parser.add_argument("--quiet", action="store_true", help="do not echo the upstream log (it is still written)")
     add_params_arguments(parser)
@@ -52,7 +54,13 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "check":
         if not args.code:
             raise InputError("upstream check", "give --code adelaidet|sim")
-        info = upstream.check_environment(args.code, _section(args))
+        section = dict(_section(args))
+        # --python / --root name the interpreter and the built checkout as setup's flags do (else params')
+        if args.python:
+            section["python"] = args.python
+        if args.root:
+            section[args.code] = {**(section.get(args.code) or {}), "root": args.root}
+        info = upstream.check_environment(args.code, section)
         print(json.dumps(info, indent=1))
         return 0
 

@@ -186,6 +186,23 @@ def test_without_a_checkout_the_verb_explains_in_one_line(tmp_path, smoke_params
     assert len(err.strip().splitlines()) == 1 and "upstream.sim.root" in err and "lslrh/SIM" in err
 
 
+def test_check_takes_the_interpreter_and_checkout_from_its_flags(fake_env, tmp_path, smoke_params, capsys):
+    """`check --python PY --root BUILT`, as setup takes them, checks that interpreter and checkout when
+    params name none (before, both flags were ignored and the check looked at params' empty roots)."""
+    import yaml
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(smoke_params))
+    assert cli_main(["upstream", "check", "--code", "sim", "--root", str(fake_env["sim"]),
+                     "--python", sys.executable, "--params", str(params_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["root"] == str(fake_env["sim"].resolve()) and info["python"] == sys.executable
+    assert info["versions"]["adet._C"]
+    # the interpreter named is the one probed (here one that does not exist), not params' one
+    assert cli_main(["upstream", "check", "--code", "sim", "--root", str(fake_env["sim"]),
+                     "--python", str(tmp_path / "no_python"), "--params", str(params_path)]) == 2
+    assert "no_python" in capsys.readouterr().err
+
+
 def test_missing_detectron2_is_named(fake_env, monkeypatch):
     monkeypatch.delenv("PYTHONPATH")
     section = {"python": sys.executable, "adelaidet": {"root": str(fake_env["adelaidet"])}}
