@@ -256,6 +256,12 @@ def tree_filter(features: Tensor, schedule: TreeSchedule, edge_weights: Tensor) 
     written out); :func:`tree_filter_reference` is the same filter with
     autograd through every level.
     """
+    values, weights = _tree_order_inputs(features, schedule, edge_weights)
+    return _filtered_features(_TreePasses.apply(values, weights, schedule), schedule, features)
+
+
+def _tree_order_inputs(features: Tensor, schedule: TreeSchedule, edge_weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Node values ``[N, C + 1]`` (features and a ones column, the normaliser) and edge weights in BFS order."""
     batch, channels, height, width = features.shape
     if (batch, height, width) != schedule.shape:
         raise ValueError(f"features {tuple(features.shape)} do not match the tree {schedule.shape}")
@@ -264,8 +270,12 @@ def tree_filter(features: Tensor, schedule: TreeSchedule, edge_weights: Tensor) 
     nodes = features.permute(0, 2, 3, 1).reshape(-1, channels).to(compute_dtype)
     ones = torch.ones_like(nodes[:, :1])
     values = torch.cat([nodes, ones], dim=1)[schedule.order]
-    weights = edge_weights.to(values.dtype)[schedule.order]
-    full = _TreePasses.apply(values, weights, schedule)
+    return values, edge_weights.to(values.dtype)[schedule.order]
+
+
+def _filtered_features(full: Tensor, schedule: TreeSchedule, features: Tensor) -> Tensor:
+    """Filtered node values in BFS order -> normalised features shaped like ``features``."""
+    batch, channels, height, width = features.shape
     out = full[schedule.inverse]
     out = out[:, :channels] / out[:, channels:]
     return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(features.dtype)
@@ -273,14 +283,7 @@ def tree_filter(features: Tensor, schedule: TreeSchedule, edge_weights: Tensor) 
 
 def tree_filter_reference(features: Tensor, schedule: TreeSchedule, edge_weights: Tensor) -> Tensor:
     """:func:`tree_filter` with autograd through every level (the straightforward version, for tests)."""
-    batch, channels, height, width = features.shape
-    if (batch, height, width) != schedule.shape:
-        raise ValueError(f"features {tuple(features.shape)} do not match the tree {schedule.shape}")
-    compute_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    nodes = features.permute(0, 2, 3, 1).reshape(-1, channels).to(compute_dtype)
-    ones = torch.ones_like(nodes[:, :1])
-    values = torch.cat([nodes, ones], dim=1)[schedule.order]
-    weights = edge_weights.to(values.dtype)[schedule.order]
+    values, weights = _tree_order_inputs(features, schedule, edge_weights)
     x_levels = list(torch.split(values, schedule.level_sizes))
     w_levels = list(torch.split(weights, schedule.level_sizes))
     depth = schedule.depth
@@ -294,9 +297,7 @@ def tree_filter_reference(features: Tensor, schedule: TreeSchedule, edge_weights
     for d in range(1, depth):
         w = w_levels[d].unsqueeze(1)
         full.append(w * full[d - 1][schedule.parent_pos[d]] + (1.0 - w * w) * aggregated[d])
-    out = torch.cat(full, dim=0)[schedule.inverse]
-    out = out[:, :channels] / out[:, channels:]
-    return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(features.dtype)
+    return _filtered_features(torch.cat(full, dim=0), schedule, features)
 
 
 def filter_along_mst(features: Tensor, guide: Tensor, embed: Tensor | None = None,
