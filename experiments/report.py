@@ -449,6 +449,9 @@ def original_code_section(report: _Report, pairs: list[dict]) -> dict:
         setting = Setting(profile, dataset, split)
         gt_path = report.project / c["data_dirs"].get(dataset, f"data/{dataset}") / f"{split}.json"
         gt = make_gt_api(load_gt(gt_path).to_dict(), "pycocotools") if gt_path.exists() else None
+        if gt is None:
+            report.notes.append(f"{latex.latex_escape(gt_path)} not found: no bootstrap interval in the "
+                                f"reimplementation vs original code table for {setting.describe()}.")
         rows = []
         for pair in (p for p in pairs if group_of(p["original"]) == group):
             pair = dict(pair)

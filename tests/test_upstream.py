@@ -322,6 +322,13 @@ def test_cli_and_report_rows(fake_env, smoke_params, tmp_path, capsys):
     assert "original code" in table and "boxinst\\_orig\\_s0" in table and "[$+0.0$, $+0.0$]" in table
     boot = json.loads((tmp_path / "out" / "bootstrap.json").read_text())
     assert any(t["table"] == "original_code" for t in boot["tables"])
+    # without the ground truth (data_dirs resolve against the runs folder's parent) the rows stay, without
+    # intervals, and the report says why
+    params["report"]["data_dirs"]["synthetic"] = str(tmp_path / "no_data_here")
+    run_report(params, runs_dir, tmp_path / "out_no_gt")
+    assert "[$" not in next((tmp_path / "out_no_gt" / "tables").glob("original_code_*.tex")).read_text()
+    assert "no bootstrap interval in the reimplementation vs original code table" in \
+        (tmp_path / "out_no_gt" / "report.tex").read_text()
 
 
 def test_cli_run_takes_set_overrides(fake_env, smoke_params, tmp_path, capsys):
