@@ -117,7 +117,7 @@ class DetectorOutputs:
     num_per_level: list[int] = field(default_factory=list)
 
 
-def _flatten(maps: list[Tensor]) -> Tensor:
+def flatten_levels(maps: list[Tensor]) -> Tensor:
     """Per-level ``[B, C, h, w]`` -> ``[B, sum(h*w), C]``."""
     return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, m.shape[1]) for m in maps], dim=1)
 
@@ -184,13 +184,26 @@ class CondInst(nn.Module):
 
     # ------------------------------------------------------------------ network
     def forward(self, images_norm: Tensor) -> DetectorOutputs:
+        feats, pyramid = self.pyramid(images_norm)
+        cls, box, ctr, ctl = self.head(pyramid)
+        mask_feats = self.mask_branch(pyramid, feats.get("c2"))  # C2 is read only at mask_feat_stride 4
+        locations, strides, levels, counts = self.level_locations(pyramid)
+        return DetectorOutputs(
+            cls_logits=flatten_levels(cls), box_reg=flatten_levels(box), centerness=flatten_levels(ctr)[..., 0],
+            controllers=flatten_levels(ctl), locations=locations, strides=strides,
+            levels=levels, mask_feats=mask_feats, num_per_level=counts)
+
+    def pyramid(self, images_norm: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Backbone features and the neck's levels (checked against ``fpn_strides``)."""
         feats = self.backbone(images_norm)
         pyramid = self.neck(feats)
         if len(pyramid) != len(self.fpn_strides):
             raise ValueError(f"neck returned {len(pyramid)} levels, expected {len(self.fpn_strides)}")
-        cls, box, ctr, ctl = self.head(pyramid)
-        mask_feats = self.mask_branch(pyramid, feats.get("c2"))  # C2 is read only at mask_feat_stride 4
-        device = images_norm.device
+        return feats, pyramid
+
+    def level_locations(self, pyramid: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+        """Flattened location grid of ``pyramid``: ``(x, y)`` ``[N, 2]``, stride ``[N]``, level ``[N]``, counts."""
+        device = pyramid[0].device
         locs, strides, levels, counts = [], [], [], []
         for level, (feat, stride) in enumerate(zip(pyramid, self.fpn_strides)):
             loc = compute_locations(feat.shape[-2], feat.shape[-1], stride, device)
@@ -198,10 +211,7 @@ class CondInst(nn.Module):
             strides.append(torch.full((len(loc),), stride, dtype=torch.long, device=device))
             levels.append(torch.full((len(loc),), level, dtype=torch.long, device=device))
             counts.append(len(loc))
-        return DetectorOutputs(
-            cls_logits=_flatten(cls), box_reg=_flatten(box), centerness=_flatten(ctr)[..., 0],
-            controllers=_flatten(ctl), locations=torch.cat(locs), strides=torch.cat(strides),
-            levels=torch.cat(levels), mask_feats=mask_feats, num_per_level=counts)
+        return torch.cat(locs), torch.cat(strides), torch.cat(levels), counts
 
     def instance_mask_logits(self, mask_feats: Tensor, controllers: Tensor, locations: Tensor, im_inds: Tensor,
                              strides: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sim_core.model.fcos import compute_locations
+from sim_core.model.condinst import flatten_levels
 from sim_core.sim.ema import EMATeacher, batch_statistics
 from sim_core.sim.self_correction import instance_probability_map, iou_weights
 
@@ -51,11 +51,6 @@ class TeacherOutputs:
     mask_feats: Tensor  # [B, Cm, H/s, W/s]
 
 
-def _flatten(maps: list[Tensor]) -> Tensor:
-    """Per-level ``[B, C, h, w]`` -> ``[B, sum(h*w), C]`` (as ``CondInst.forward`` flattens)."""
-    return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, m.shape[1]) for m in maps], dim=1)
-
-
 def teacher_forward(net: nn.Module, images_norm: Tensor) -> TeacherOutputs:
     """``net(images_norm)`` without the outputs :func:`run_teacher` never reads.
 
@@ -65,20 +60,12 @@ def teacher_forward(net: nn.Module, images_norm: Tensor) -> TeacherOutputs:
     detection loss, its instance sampling and inference, never by the
     teacher's pseudo labels) are skipped.
     """
-    feats = net.backbone(images_norm)
-    pyramid = net.neck(feats)
-    if len(pyramid) != len(net.fpn_strides):
-        raise ValueError(f"neck returned {len(pyramid)} levels, expected {len(net.fpn_strides)}")
+    feats, pyramid = net.pyramid(images_norm)
     box, ctl = net.head.box_outputs(pyramid)
     mask_feats = net.mask_branch(pyramid, feats.get("c2"))
-    device = images_norm.device
-    locs, strides = [], []
-    for feat, stride in zip(pyramid, net.fpn_strides):
-        loc = compute_locations(feat.shape[-2], feat.shape[-1], stride, device)
-        locs.append(loc)
-        strides.append(torch.full((len(loc),), stride, dtype=torch.long, device=device))
-    return TeacherOutputs(box_reg=_flatten(box), controllers=_flatten(ctl), locations=torch.cat(locs),
-                          strides=torch.cat(strides), mask_feats=mask_feats)
+    locations, strides, _, _ = net.level_locations(pyramid)
+    return TeacherOutputs(box_reg=flatten_levels(box), controllers=flatten_levels(ctl), locations=locations,
+                          strides=strides, mask_feats=mask_feats)
 
 
 @torch.no_grad()
