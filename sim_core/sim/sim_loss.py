@@ -121,10 +121,11 @@ class SIMLoss(nn.Module):
             similarity = colour * feat
             if inputs.diagnose:
                 self.last_quality.update(self.boxinst.pair_quality(inputs, similarity))
-            similarity = similarity[inputs.im_inds].to(logits.dtype)
+            similarity = similarity.to(logits.dtype)
         ramp = pairwise_warmup_weight(inputs.iteration, inputs.max_iter, cfg)
         loss_pairwise = pairwise_loss(logits, similarity, boxes, cfg["pairwise_color_thresh"],
-                                      cfg["pairwise_kernel"], cfg["pairwise_dilation"]) * ramp
+                                      cfg["pairwise_kernel"], cfg["pairwise_dilation"],
+                                      im_inds=inputs.im_inds) * ramp
         return {"loss_proj": loss_proj, "loss_pairwise": loss_pairwise}
 
     # ----------------------------------------------------------------- SIM
