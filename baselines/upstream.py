@@ -57,7 +57,7 @@ CODES: dict[str, dict[str, Any]] = {
     "sim": {"method": "sim", "config": "configs/SIM/MS_R_50_1x.yaml", "modules": ("timm", "einops"),
             "title": "SIM (released code)", "repo": "https://github.com/lslrh/SIM"},
 }
-RUN_KEYS = {"code", "seed", "set", "opts", "config", "compare"}
+RUN_KEYS = {"code", "seed", "set", "opts", "config", "compare", "fixes"}
 TRAIN_NAME, TEST_NAME = "simbench_train", "simbench_val"
 RESULTS_FILE = Path("inference") / "coco_instances_results.json"
 DOCS = "docs/upstream.md"
@@ -276,6 +276,11 @@ def resolve_upstream_run(params: dict, name: str) -> tuple[dict, dict]:
     seed = entry.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError("params.yaml", f"upstream_runs.{name}.seed must be an integer, got {quote(seed)}")
+    fixes = entry.get("fixes") or []
+    if not isinstance(fixes, list) or any(FIXES.get(str(f), ("",))[0] != code for f in fixes):
+        known = ", ".join(k for k, (c, *_rest) in FIXES.items() if c == code) or "none"
+        raise InputError("params.yaml", f"upstream_runs.{name}.fixes must be a list of fixes for {code} "
+                                        f"(known: {known}), got {quote(fixes)}")
     opts = entry.get("opts") or []
     if not isinstance(opts, list) or len(opts) % 2:
         raise InputError("params.yaml", f"upstream_runs.{name}.opts must be a list of KEY, VALUE pairs "
@@ -493,6 +498,30 @@ def sim_patches(resolved: dict, scatter_standin: bool = False) -> list[Patch]:
     return patches
 
 
+_SIM_HEAD = "adet/modeling/condinst/dynamic_mask_head.py"
+# Reviewed corrections of a defect in an upstream code base (against lslrh/SIM b2510de), applied to the
+# run's private copy only when an ``upstream_runs`` entry names them (``fixes: [...]``): they measure what
+# the defect costs, beside the unmodified release. Name -> (code, patches).
+FIXES: dict[str, tuple[str, list[Patch]]] = {
+    # The release calls ``mask_focal_loss(mask_scores, ...)`` with probabilities and applies
+    # ``binary_cross_entropy_with_logits`` to them (a second sigmoid) in L_pseudo and L_paste; the fix
+    # passes the logits and takes the focal factor on their sigmoid. simbench's ``sim.focal_on_probabilities``
+    # reproduces the defect on simbench's side (docs/sim.md, "The released focal loss").
+    "focal_on_logits": ("sim", [
+        Patch(_SIM_HEAD, r"mask_focal_loss\(mask_scores,", "mask_focal_loss(mask_logits,", 2,
+              "fix focal_on_logits: L_pseudo and L_paste pass the logits to mask_focal_loss"),
+        Patch(_SIM_HEAD, r"p_t = x \* targets \+ \(1 - x\) \* \(1 - targets\)",
+              "p_t = x.sigmoid() * targets + (1 - x.sigmoid()) * (1 - targets)", 1,
+              "fix focal_on_logits: the focal factor on sigmoid(logits)"),
+    ]),
+}
+
+
+def fix_patches(names: list[str]) -> list[Patch]:
+    """The patches of the named ``FIXES``, in order."""
+    return [patch for name in names for patch in FIXES[str(name)][1]]
+
+
 def apply_patches(root: Path, patches: list[Patch]) -> str:
     """Apply ``patches`` to the files under ``root`` in place; return the unified diff. Refuses a mismatch."""
     diffs = []
@@ -682,11 +711,14 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
     if code == "sim" and section.get("scale_constants", True):
         standin = env_info.get("versions", {}).get("torch_scatter") is None
         patches = sim_patches(resolved, scatter_standin=standin)
+    elif code == "sim":
+        differences.append("SIM constants not scaled (upstream.scale_constants false): gate 10000, ramp 270000")
+    fixes = [str(f) for f in entry.get("fixes") or []]
+    patches += fix_patches(fixes)
+    if patches:
         code_root = private_copy(root, work / "code")
         patch_text = apply_patches(code_root, patches)
         atomic_write_text(work / "patch.diff", patch_text)
-    elif code == "sim":
-        differences.append("SIM constants not scaled (upstream.scale_constants false): gate 10000, ramp 270000")
 
     output_dir = (work / "output").resolve()
     if (output_dir / RESULTS_FILE).exists():
@@ -739,7 +771,7 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
     upstream_info = {"code": code, "title": CODES[code]["title"], "root": str(root), "commit": commit,
                      "dirty": origin["dirty"], "commit_of": origin["commit_of"],
                      "setup": origin.get("setup"), "python": python, "versions": env_info.get("versions", {}),
-                     "config": config, "opts": opts, "differences": differences,
+                     "config": config, "opts": opts, "differences": differences, "fixes": fixes,
                      "patch": [p.why for p in patches], "patch_file": "upstream/patch.diff" if patches else None,
                      "private_copy": str(code_root) if code_root != root else None,
                      "seconds": round(seconds, 1), "import": summary}

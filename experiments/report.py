@@ -435,7 +435,9 @@ def upstream_pairs(params: dict, runs_dir: Path) -> list[dict]:
                                                                                 partner))
             if reimpl.metrics is None:
                 reimpl = None
-        pairs.append({"title": code["title"], "method_name": f"{METHOD_NAMES.get(code['method'], code['method'])}",
+        fixes = entry.get("fixes") or []
+        title = code["title"] + (f", with fix {', '.join(map(str, fixes))}" if fixes else "")
+        pairs.append({"title": title, "fixes": [str(x) for x in fixes], "method_name": f"{METHOD_NAMES.get(code['method'], code['method'])}",
                       "original": RunResult(name, metrics.get("seed"), metrics), "reimplementation": reimpl})
     return pairs
 

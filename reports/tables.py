@@ -525,16 +525,19 @@ def original_code_table(pairs: Sequence[dict], setting: Setting, label: str = "t
     ``pairs``: ``[{"title": str, "original": RunResult, "reimplementation":
     RunResult | None, "interval": {"diff", "low", "high"} | None}]``; the
     interval is the paired-bootstrap interval of AP(original) - AP(reimplementation)
-    (fractions). Rows of the original code are marked "original code".
+    (fractions). Rows of the original code are marked "original code" (with the
+    names of the fixes applied to it, ``pair["fixes"]``, if any).
     """
     columns = COCO_COLUMNS
     cells, rules, resamples = [], [], None
     for pair in pairs:
         reimpl, orig = pair.get("reimplementation"), pair["original"]
         method = latex_escape(pair.get("method_name") or orig.name)
+        fixes = pair.get("fixes") or []
         for run, code in ((reimpl, "simbench"), (orig, "original code")):
+            label = code if code == "simbench" or not fixes else f"original code, fix {', '.join(fixes)}"
             if run is None:
-                cells.append([method, code, MISSING] + [MISSING] * len(columns) + [""])
+                cells.append([method, latex_escape(label), MISSING] + [MISSING] * len(columns) + [""])
                 continue
             metrics = (run.metrics or {}).get("segm") or {}
             values = [fmt_value(100.0 * metrics[c]) if metrics.get(c) is not None and metrics[c] >= 0 else MISSING
@@ -550,7 +553,8 @@ def original_code_table(pairs: Sequence[dict], setting: Setting, label: str = "t
                 elif reimpl is not None and metrics.get("AP") is not None:
                     ref = ((reimpl.metrics or {}).get("segm") or {}).get("AP")
                     extra = fmt_delta(100.0 * (metrics["AP"] - ref)) if ref is not None else MISSING
-            cells.append([method if code == "simbench" else "", code, latex_escape(run.name)] + values + [extra])
+            cells.append([method if code == "simbench" else "", latex_escape(label), latex_escape(run.name)]
+                         + values + [extra])
         rules.append(len(cells) - 1)
     caption = (f"Reimplementation vs original code: mask AP (\\%) on {setting.describe()}, simbench's evaluator "
                "for both; rows \\textit{original code} are the authors' code bases trained on the same data "

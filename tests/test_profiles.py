@@ -152,14 +152,20 @@ def test_upstream_demo_is_the_demo_with_the_originals_settings_on_both_sides():
     assert p["train"]["runs_dir"] == "runs"  # dvc.yaml declares runs/<run>/... for every stage
     assert p["upstream"]["match_heads"] is True and p["upstream"]["scale_constants"] is True
     assert {n: r["method"] for n, r in p["runs"].items()} == {"mask_s0": "mask", "boxinst_s0": "boxinst",
-                                                              "sim_s0": "sim", "sim_paper_s0": "sim"}
+                                                              "sim_s0": "sim", "sim_relfocal_s0": "sim",
+                                                              "sim_paper_s0": "sim"}
     # the runs compared with the originals use the shared settings; SIM's are the release's recipe (the
     # variant simbench keeps for it), the paper's recipe is the one extra run
-    assert all(not r.get("set") for n, r in p["runs"].items() if n != "sim_paper_s0")
-    assert p["sim"]["variant"] == "released_code"
+    assert all(not r.get("set") for n, r in p["runs"].items() if n not in ("sim_paper_s0", "sim_relfocal_s0"))
+    assert p["sim"]["variant"] == "released_code" and p["sim"]["focal_on_probabilities"] is False
     assert p["runs"]["sim_paper_s0"]["set"] == {"sim.variant": "paper"}
-    assert p["upstream_runs"] == {"boxinst_orig_s0": {"code": "adelaidet", "seed": 0},
-                                  "sim_orig_s0": {"code": "sim", "seed": 0}}
+    # the release as it is, beside simbench with the release's focal loss; the release with that loss fixed,
+    # beside simbench's own (docs/upstream.md 0.5)
+    assert p["runs"]["sim_relfocal_s0"]["set"] == {"sim.focal_on_probabilities": True}
+    assert p["upstream_runs"] == {
+        "boxinst_orig_s0": {"code": "adelaidet", "seed": 0},
+        "sim_orig_s0": {"code": "sim", "seed": 0, "compare": "sim_relfocal_s0"},
+        "sim_orig_fixed_s0": {"code": "sim", "seed": 0, "fixes": ["focal_on_logits"], "compare": "sim_s0"}}
     # nothing is left unequal but what detectron2 cannot do: no `differences` for either code base
     for code in ("adelaidet", "sim"):
         opts, differences = translate(dict(p, run="x"), code, num_classes=p["synthetic"]["num_classes"])

@@ -120,6 +120,32 @@ def test_pseudo_losses_match_hand_computation_and_ignore_weight_zero_pixels():
         pseudo_mask_loss(logits, target, weight, "l2")
 
 
+def test_released_focal_takes_probabilities_as_logits():
+    """The released ``mask_focal_loss`` is called with probabilities: BCE(sigmoid(p), t), focal factor on p."""
+    logits = torch.zeros(1, 1, 1, 1)  # p = 0.5
+    target = torch.ones(1, 1, 1)
+    weight = torch.ones(1, 1, 1)
+    # alpha_t 0.25 * (1 - p_t)^2 0.25 * BCE-with-logits(0.5, 1) = log(1 + e^-0.5); / (sum w + 1)
+    hand = 0.25 * 0.25 * math.log(1 + math.exp(-0.5)) / 2
+    assert weighted_focal(logits, target, weight, on_probabilities=True) == pytest.approx(hand, rel=1e-6)
+    assert weighted_focal(logits, target, weight) == pytest.approx(0.25 * 0.25 * math.log(2) / 2, rel=1e-6)
+    # a saturated foreground logit labelled background: the proper focal loss still pulls it down
+    # (d/dx ~ (1 - alpha) / 2), the released one does not (an extra p (1 - p) ~ e^-20)
+    for on_probabilities, bound in ((False, (0.3, 0.4)), (True, (0.0, 1e-7))):
+        x = torch.full((1, 1, 1, 1), 20.0, requires_grad=True)
+        weighted_focal(x, torch.zeros(1, 1, 1), weight, on_probabilities=on_probabilities).backward()
+        assert bound[0] <= float(x.grad) <= bound[1]
+    # the switch reaches both SIM losses
+    logits = torch.tensor([[[[2.0, -1.0], [0.5, 3.0]]]])
+    target = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    ones = torch.ones_like(target)
+    released = weighted_focal(logits, target, ones, on_probabilities=True)
+    assert pseudo_mask_loss(logits, target, ones, "focal", focal_on_probabilities=True) == pytest.approx(float(released))
+    dice = dice_loss(logits[:, 0].sigmoid(), target).mean()
+    assert paste_mask_loss(logits, target, ones, focal_on_probabilities=True) == pytest.approx(
+        float(released + dice), abs=1e-6)
+
+
 def test_pseudo_loss_schedules():
     assert pseudo_loss_weight(9_999, 90_000, 0.5, "step", 10_000 / 90_000) == 0.0
     assert pseudo_loss_weight(10_000, 90_000, 0.5, "step", 10_000 / 90_000) == 0.5

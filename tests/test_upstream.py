@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -274,6 +275,37 @@ def test_sim_run_patches_a_private_copy(fake_env, smoke_params):
     assert "10000 -> 78" in " ".join(run["upstream"]["patch"]) and run["patch_diff"]
     assert (run_dir / "upstream" / "patch.diff").read_text() == run["patch_diff"]
     assert "10000" in (fake_env["sim"] / "adet/modeling/condinst/dynamic_mask_head.py").read_text()
+
+
+def test_sim_fix_is_applied_only_when_a_run_names_it(fake_env, smoke_params):
+    """`fixes: [focal_on_logits]` patches the private copy's focal loss to take logits; runs without it keep
+    the release's (BCE-with-logits on probabilities: 0.75 * log(1 + e^1) / 2 for a saturated pixel)."""
+    params = _params(smoke_params, fake_env, {
+        "sim_orig_s0": {"code": "sim", "set": {"model.backbone": "resnet50"}},
+        "sim_orig_fixed_s0": {"code": "sim", "set": {"model.backbone": "resnet50"}, "fixes": ["focal_on_logits"]}})
+    runs_dir = Path(params["train"]["runs_dir"])
+    losses = {}
+    for name in ("sim_orig_s0", "sim_orig_fixed_s0"):
+        upstream.run_upstream(params, name, echo=None)
+        losses[name] = json.loads((runs_dir / name / "upstream/output/fake_record.json").read_text())["sim"][
+            "focal_losses"]
+    released = 0.75 * math.log(1 + math.e) / 2  # BCE-with-logits(p = 1, target 0), focal factor 1
+    assert losses["sim_orig_s0"] == pytest.approx([released, released], rel=1e-5)
+    assert losses["sim_orig_fixed_s0"] == pytest.approx([0.75 * 20.0 / 2] * 2, rel=1e-5)  # log(1 + e^20) ~ 20
+    run = json.loads((runs_dir / "sim_orig_fixed_s0" / "run.json").read_text())
+    assert run["upstream"]["fixes"] == ["focal_on_logits"]
+    assert any("focal_on_logits" in why for why in run["upstream"]["patch"])
+    assert "mask_focal_loss(mask_logits," in run["patch_diff"]
+    assert json.loads((runs_dir / "sim_orig_s0" / "run.json").read_text())["upstream"]["fixes"] == []
+    assert "mask_focal_loss(mask_scores," in (fake_env["sim"] / "adet/modeling/condinst/dynamic_mask_head.py").read_text()
+    # a fix of another code base, or an unknown one, is refused before anything runs
+    for fixes in (["no_such_fix"], "focal_on_logits"):
+        bad = _params(smoke_params, fake_env, {"u": {"code": "sim", "fixes": fixes}})
+        with pytest.raises(InputError, match="fixes must be a list of fixes for sim.*focal_on_logits"):
+            upstream.resolve_upstream_run(bad, "u")
+    bad = _params(smoke_params, fake_env, {"u": {"code": "adelaidet", "fixes": ["focal_on_logits"]}})
+    with pytest.raises(InputError, match="known: none"):
+        upstream.resolve_upstream_run(bad, "u")
 
 
 def test_failed_upstream_run_is_one_line_with_the_log_tail(fake_env, smoke_params, monkeypatch):

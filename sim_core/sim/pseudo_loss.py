@@ -39,10 +39,28 @@ def weighted_bce(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
     return (loss * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def weighted_focal(logits: Tensor, targets: Tensor, weights: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Sigmoid focal loss ``sum(w * FL) / (sum(w) + 1)``."""
+def weighted_focal(logits: Tensor, targets: Tensor, weights: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                   on_probabilities: bool = False) -> Tensor:
+    """Sigmoid focal loss ``sum(w * FL) / (sum(w) + 1)``.
+
+    ``on_probabilities`` reproduces the released code's ``mask_focal_loss``,
+    which is called with the mask *probabilities* ``p`` and applies
+    ``binary_cross_entropy_with_logits`` to them: its cross-entropy is
+    ``BCE(sigmoid(p), t)`` (a second sigmoid), while its focal factor uses ``p``.
+    The loss never reaches 0 (``sigmoid(p)`` lies in [0.5, 0.73]) and its
+    gradient w.r.t. the logits carries an extra ``p (1 - p)``, which vanishes
+    where a mask has saturated (docs/sim.md, "The released focal loss").
+    """
     logits = _flat(logits)
-    loss = sigmoid_focal_loss(logits, targets.to(logits.dtype), alpha=alpha, gamma=gamma, reduction="none")
+    targets = targets.to(logits.dtype)
+    if not on_probabilities:
+        loss = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
+        return (loss * weights).sum() / (weights.sum() + 1.0)
+    p = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(p, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    loss = alpha_t * ce * (1 - p_t) ** gamma
     return (loss * weights).sum() / (weights.sum() + 1.0)
 
 
@@ -54,18 +72,20 @@ def weighted_dice(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
     return dice_loss(logits.sigmoid(), targets, weights).mean()
 
 
-def pseudo_mask_loss(logits: Tensor, targets: Tensor, weights: Tensor, kind: str = "bce_dice") -> Tensor:
+def pseudo_mask_loss(logits: Tensor, targets: Tensor, weights: Tensor, kind: str = "bce_dice",
+                     focal_on_probabilities: bool = False) -> Tensor:
     """Unweighted ``L_pseudo``: ``bce_dice`` (paper) or ``focal`` (released code)."""
     if kind == "bce_dice":
         return weighted_bce(logits, targets, weights) + weighted_dice(logits, targets, weights)
     if kind == "focal":
-        return weighted_focal(logits, targets, weights)
+        return weighted_focal(logits, targets, weights, on_probabilities=focal_on_probabilities)
     raise ValueError(f"unknown pseudo loss kind '{kind}' (choose bce_dice or focal)")
 
 
-def paste_mask_loss(logits: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+def paste_mask_loss(logits: Tensor, targets: Tensor, valid: Tensor, focal_on_probabilities: bool = False) -> Tensor:
     """Unweighted ``L_paste`` = focal + Dice against the pasted pseudo masks (padding ignored)."""
-    return weighted_focal(logits, targets, valid) + weighted_dice(logits, targets, valid)
+    return (weighted_focal(logits, targets, valid, on_probabilities=focal_on_probabilities)
+            + weighted_dice(logits, targets, valid))
 
 
 def pseudo_loss_weight(iteration: int, max_iter: int, lam: float, ramp: str = "step",

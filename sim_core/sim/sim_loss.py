@@ -198,14 +198,15 @@ class SIMLoss(nn.Module):
             keep = rows_w.flatten(1).sum(dim=1) > 0
             if keep.any():
                 loss_pseudo = weight * pseudo_mask_loss(logits[keep], target[gt][keep], rows_w[keep],
-                                                        s.pseudo_loss_kind)
+                                                        s.pseudo_loss_kind, s.focal_on_probabilities)
         losses["loss_pseudo"] = loss_pseudo
 
         loss_paste = zero.clone()
         if s.copy_paste and inputs.gt_pasted is not None and bool(inputs.gt_pasted.any()):
             rows = inputs.gt_pasted
             paste_valid = valid_at_mask_stride(inputs.image_valid)[inputs.im_inds[rows]]
-            loss_paste = s.lambda_paste * paste_mask_loss(logits[rows], inputs.gt_bitmasks[rows], paste_valid)
+            loss_paste = s.lambda_paste * paste_mask_loss(logits[rows], inputs.gt_bitmasks[rows], paste_valid,
+                                                          s.focal_on_probabilities)
         losses["loss_paste"] = loss_paste
 
         record = self.make_record(inputs, a, prototypes, M_I, has_pos, gt_box_masks, valid)

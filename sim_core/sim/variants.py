@@ -47,6 +47,7 @@ PAPER: dict[str, Any] = {
     "lambda_pseudo": 0.5,
     "lambda_paste": 1.0,
     "pseudo_loss_kind": "bce_dice",  # bce_dice | focal
+    "focal_on_probabilities": False,  # the released focal's second sigmoid (L_pseudo focal, L_paste); docs/sim.md
     "pseudo_ramp": "step",  # step: on after pseudo_start_frac | linear: gated, then ramped (released code)
     "pseudo_start_frac": 10000 / 90000,
     "pseudo_ramp_span": 1.0,  # linear ramp: full weight at pseudo_ramp_span * max_iter
@@ -130,6 +131,7 @@ class SIMSettings:
     lambda_pseudo: float
     lambda_paste: float
     pseudo_loss_kind: str
+    focal_on_probabilities: bool
     pseudo_ramp: str
     pseudo_start_frac: float
     pseudo_ramp_span: float
