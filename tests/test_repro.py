@@ -62,6 +62,20 @@ def test_queue_puts_the_longest_runs_first():
     assert order[-1] == "short_sim"  # its own max_iter counts, not the profile's
 
 
+def test_upstream_runs_are_queued_beside_the_runs():
+    """upstream_runs entries are jobs of their own (stage upstream@<name>), not left to the final dvc repro."""
+    params = _demo_params()
+    params["upstream_runs"] = {"sim_orig_s0": {"code": "sim", "seed": 0},
+                               "short_orig": {"code": "adelaidet", "set": {"train.max_iter": 10}}}
+    queue = repro.queue_longest_first(params)
+    jobs = {job.run: job for job in queue}
+    assert jobs["sim_orig_s0"].stages == ("upstream@sim_orig_s0",)
+    assert jobs["sim_s0"].stages == ("train@sim_s0", "evaluate@sim_s0")
+    assert queue[0].run == "sim_orig_s0" and queue[-1].run == "short_orig"
+    assert [job.run for job in repro.runs_with_work(queue, {"upstream@short_orig", "report"})] == ["short_orig"]
+    assert repro._run_stages(jobs["sim_orig_s0"])[-2:] == ["--single-item", "upstream@sim_orig_s0"]
+
+
 def test_only_runs_with_changed_stages_are_queued():
     queue = [repro.Job("sim_s0", 3.0), repro.Job("mask_s0", 2.0), repro.Job("boxinst_s0", 1.0)]
     changed = {"evaluate@mask_s0", "train@boxinst_s0", "report"}
@@ -99,7 +113,7 @@ def test_a_failed_run_stops_the_queue(monkeypatch, capsys, tmp_path):
     commands = {"good": [sys.executable, "-c", "print('trained good')"],
                 "bad": [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
                 "never": [sys.executable, "-c", "open('never-started', 'w')"]}
-    monkeypatch.setattr(repro, "_run_stages", lambda run: commands[run])
+    monkeypatch.setattr(repro, "_run_stages", lambda job: commands[job.run])
     queue = [repro.Job("good", 3.0), repro.Job("bad", 2.0), repro.Job("never", 1.0)]
     finished: list[repro.Job] = []
     failed = threading.Event()
