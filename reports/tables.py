@@ -535,9 +535,9 @@ def original_code_table(pairs: Sequence[dict], setting: Setting, label: str = "t
         method = latex_escape(pair.get("method_name") or orig.name)
         fixes = pair.get("fixes") or []
         for run, code in ((reimpl, "simbench"), (orig, "original code")):
-            label = code if code == "simbench" or not fixes else f"original code, fix {', '.join(fixes)}"
+            code_label = code if code == "simbench" or not fixes else f"original code, fix {', '.join(fixes)}"
             if run is None:
-                cells.append([method, latex_escape(label), MISSING] + [MISSING] * len(columns) + [""])
+                cells.append([method, latex_escape(code_label), MISSING] + [MISSING] * len(columns) + [""])
                 continue
             metrics = (run.metrics or {}).get("segm") or {}
             values = [fmt_value(100.0 * metrics[c]) if metrics.get(c) is not None and metrics[c] >= 0 else MISSING
@@ -553,7 +553,7 @@ def original_code_table(pairs: Sequence[dict], setting: Setting, label: str = "t
                 elif reimpl is not None and metrics.get("AP") is not None:
                     ref = ((reimpl.metrics or {}).get("segm") or {}).get("AP")
                     extra = fmt_delta(100.0 * (metrics["AP"] - ref)) if ref is not None else MISSING
-            cells.append([method if code == "simbench" else "", latex_escape(label), latex_escape(run.name)]
+            cells.append([method if code == "simbench" else "", latex_escape(code_label), latex_escape(run.name)]
                          + values + [extra])
         rules.append(len(cells) - 1)
     caption = (f"Reimplementation vs original code: mask AP (\\%) on {setting.describe()}, simbench's evaluator "

@@ -344,6 +344,10 @@ def test_cli_and_report_rows(fake_env, smoke_params, tmp_path, capsys):
                                       Setting("smoke", "synthetic", "val"))
     assert "original code" in text and "reimplementation vs original code" in text.lower()
     assert "100.0" in text and "[$-1.0$, $+1.0$]" in text
+    # a fixed original is marked in its row; the table keeps its own label
+    fixed = tables.original_code_table([{**p, "fixes": ["focal_on_logits"]} for p in pairs],
+                                       Setting("smoke", "synthetic", "val"))
+    assert "original code, fix focal\\_on\\_logits" in fixed and "\\label{tab:original-code}" in fixed
 
     from experiments.report import run_report
     params["report"]["data_dirs"]["synthetic"] = params["data"]["root"]
