@@ -435,9 +435,7 @@ def upstream_pairs(params: dict, runs_dir: Path) -> list[dict]:
                                                                                 partner))
             if reimpl.metrics is None:
                 reimpl = None
-        fixes = entry.get("fixes") or []
-        title = code["title"] + (f", with fix {', '.join(map(str, fixes))}" if fixes else "")
-        pairs.append({"title": title, "fixes": [str(x) for x in fixes], "method_name": f"{METHOD_NAMES.get(code['method'], code['method'])}",
+        pairs.append({"title": code["title"], "fixes": [str(x) for x in entry.get("fixes") or []], "method_name": f"{METHOD_NAMES.get(code['method'], code['method'])}",
                       "original": RunResult(name, metrics.get("seed"), metrics), "reimplementation": reimpl})
     return pairs
 

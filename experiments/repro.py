@@ -90,17 +90,17 @@ def default_jobs(train_cfg: dict, cpu_count: int, gpu_count: int) -> int:
 
 def queue_longest_first(params: dict) -> list[Job]:
     """The runs of ``params['runs']`` and ``params['upstream_runs']`` by expected training time, longest first."""
-    train_cfg = params["train"]
-    jobs = []
-    for name, run in (params.get("runs") or {}).items():
-        overrides = run.get("set") or {}
-        max_iter = float(overrides.get("train.max_iter", train_cfg["max_iter"]))
-        jobs.append(Job(name, STEP_COST.get(run.get("method", ""), 1.0) * max_iter))
+    default_iters = params["train"]["max_iter"]
+
+    def max_iter(entry: dict) -> float:
+        return float(((entry.get("set") if isinstance(entry, dict) else None) or {}).get("train.max_iter",
+                                                                                       default_iters))
+
+    jobs = [Job(name, STEP_COST.get(run.get("method", ""), 1.0) * max_iter(run))
+            for name, run in (params.get("runs") or {}).items()]
     for name, entry in (params.get("upstream_runs") or {}).items():
-        overrides = (entry.get("set") if isinstance(entry, dict) else None) or {}
-        max_iter = float(overrides.get("train.max_iter", train_cfg["max_iter"]))
         code = entry.get("code", "") if isinstance(entry, dict) else ""
-        jobs.append(Job(name, UPSTREAM_STEP_COST.get(code, 2.0) * max_iter, (f"upstream@{name}",)))
+        jobs.append(Job(name, UPSTREAM_STEP_COST.get(code, 2.0) * max_iter(entry), (f"upstream@{name}",)))
     return sorted(jobs, key=lambda job: -job.cost)
 
 
