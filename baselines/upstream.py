@@ -57,7 +57,7 @@ CODES: dict[str, dict[str, Any]] = {
     "sim": {"method": "sim", "config": "configs/SIM/MS_R_50_1x.yaml", "modules": ("timm", "einops"),
             "title": "SIM (released code)", "repo": "https://github.com/lslrh/SIM"},
 }
-RUN_KEYS = {"code", "seed", "set", "opts", "config", "compare", "fixes"}
+RUN_KEYS = {"code", "seed", "set", "opts", "config", "compare", "fixes", "ablations"}
 TRAIN_NAME, TEST_NAME = "simbench_train", "simbench_val"
 RESULTS_FILE = Path("inference") / "coco_instances_results.json"
 DOCS = "docs/upstream.md"
@@ -276,11 +276,12 @@ def resolve_upstream_run(params: dict, name: str) -> tuple[dict, dict]:
     seed = entry.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError("params.yaml", f"upstream_runs.{name}.seed must be an integer, got {quote(seed)}")
-    fixes = entry.get("fixes") or []
-    if not isinstance(fixes, list) or any(FIXES.get(str(f), ("",))[0] != code for f in fixes):
-        known = ", ".join(k for k, (c, *_rest) in FIXES.items() if c == code) or "none"
-        raise InputError("params.yaml", f"upstream_runs.{name}.fixes must be a list of fixes for {code} "
-                                        f"(known: {known}), got {quote(fixes)}")
+    for key, registry in (("fixes", FIXES), ("ablations", ABLATIONS)):
+        names = entry.get(key) or []
+        if not isinstance(names, list) or any(registry.get(str(f), ("",))[0] != code for f in names):
+            known = ", ".join(k for k, (c, *_rest) in registry.items() if c == code) or "none"
+            raise InputError("params.yaml", f"upstream_runs.{name}.{key} must be a list of {key} for {code} "
+                                            f"(known: {known}), got {quote(names)}")
     opts = entry.get("opts") or []
     if not isinstance(opts, list) or len(opts) % 2:
         raise InputError("params.yaml", f"upstream_runs.{name}.opts must be a list of KEY, VALUE pairs "
@@ -514,12 +515,36 @@ FIXES: dict[str, tuple[str, list[Patch]]] = {
               "p_t = x.sigmoid() * targets + (1 - x.sigmoid()) * (1 - targets)", 1,
               "fix focal_on_logits: the focal factor on sigmoid(logits)"),
     ]),
+    # The release's copy-paste draws the pasted objects with ``random.choices(..., weights=score**3)``; when
+    # every object of the drawn bank image has teacher score 0 (no pixel above 0.7) the total weight is 0 and
+    # Python raises "Total of weights must be greater than zero" (docs/upstream.md 0.4). The fix adds 1e-6 to
+    # each weight, as simbench's ``select_instances`` does: all-zero scores then draw uniformly.
+    "paste_zero_scores": ("sim", [
+        Patch("adet/modeling/condinst/copypaste.py", r"weights=paste_data\[index\]\['score'\]\*\*3,",
+              "weights=paste_data[index]['score']**3 + 1e-6,", 1,
+              "fix paste_zero_scores: copy-paste weights score**3 + 1e-6 (no crash when every score is 0)"),
+    ]),
+}
+
+# Reviewed ablations of an upstream method (``ablations: [...]`` in an ``upstream_runs`` entry): a part of the
+# method removed in the run's private copy, to set beside the same ablation of simbench's reimplementation.
+ABLATIONS: dict[str, tuple[str, list[Patch]]] = {
+    # The release has no switch for its prototypes (NUM_PROTO 0 fails: amax over an empty dimension). Its
+    # pseudo label is ``0.5 * sigmoid(max_l proto) + 0.5 * teacher``; without prototypes it is the teacher's
+    # instance-mean score alone, as simbench's ``sim.prototypes: false`` (combine_maps without a semantic map).
+    # The prototypes are still updated; nothing else reads them.
+    "without_prototypes": ("sim", [
+        Patch(_SIM_HEAD, r"pseudo_seg = 0\.5 \* pseudo_seg \+ 0\.5 \* mask_scores_mean",
+              "pseudo_seg = mask_scores_mean", 1,
+              "ablation without_prototypes: the pseudo label is the teacher's score alone"),
+    ]),
 }
 
 
-def fix_patches(names: list[str]) -> list[Patch]:
-    """The patches of the named ``FIXES``, in order."""
-    return [patch for name in names for patch in FIXES[str(name)][1]]
+def fix_patches(names: list[str], registry: dict[str, tuple[str, list[Patch]]] | None = None) -> list[Patch]:
+    """The patches of the named ``FIXES`` (or of ``registry``, e.g. ``ABLATIONS``), in order."""
+    registry = FIXES if registry is None else registry
+    return [patch for name in names for patch in registry[str(name)][1]]
 
 
 def apply_patches(root: Path, patches: list[Patch]) -> str:
@@ -714,7 +739,8 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
     elif code == "sim":
         differences.append("SIM constants not scaled (upstream.scale_constants false): gate 10000, ramp 270000")
     fixes = [str(f) for f in entry.get("fixes") or []]
-    patches += fix_patches(fixes)
+    ablations = [str(f) for f in entry.get("ablations") or []]
+    patches += fix_patches(fixes) + fix_patches(ablations, ABLATIONS)
     if patches:
         code_root = private_copy(root, work / "code")
         patch_text = apply_patches(code_root, patches)
@@ -772,6 +798,7 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
                      "dirty": origin["dirty"], "commit_of": origin["commit_of"],
                      "setup": origin.get("setup"), "python": python, "versions": env_info.get("versions", {}),
                      "config": config, "opts": opts, "differences": differences, "fixes": fixes,
+                     "ablations": ablations,
                      "patch": [p.why for p in patches], "patch_file": "upstream/patch.diff" if patches else None,
                      "private_copy": str(code_root) if code_root != root else None,
                      "seconds": round(seconds, 1), "import": summary}

@@ -435,7 +435,9 @@ def upstream_pairs(params: dict, runs_dir: Path) -> list[dict]:
                                                                                 partner))
             if reimpl.metrics is None:
                 reimpl = None
-        pairs.append({"title": code["title"], "fixes": [str(x) for x in entry.get("fixes") or []], "method_name": f"{METHOD_NAMES.get(code['method'], code['method'])}",
+        pairs.append({"title": code["title"], "fixes": [str(x) for x in entry.get("fixes") or []],
+                      "ablations": [str(x) for x in entry.get("ablations") or []],
+                      "method_name": f"{METHOD_NAMES.get(code['method'], code['method'])}",
                       "original": RunResult(name, metrics.get("seed"), metrics), "reimplementation": reimpl})
     return pairs
 

@@ -526,16 +526,16 @@ def original_code_table(pairs: Sequence[dict], setting: Setting, label: str = "t
     RunResult | None, "interval": {"diff", "low", "high"} | None}]``; the
     interval is the paired-bootstrap interval of AP(original) - AP(reimplementation)
     (fractions). Rows of the original code are marked "original code" (with the
-    names of the fixes applied to it, ``pair["fixes"]``, if any).
+    names of the fixes and ablations applied to it, ``pair["fixes"]`` and ``pair["ablations"]``, if any).
     """
     columns = COCO_COLUMNS
     cells, rules, resamples = [], [], None
     for pair in pairs:
         reimpl, orig = pair.get("reimplementation"), pair["original"]
         method = latex_escape(pair.get("method_name") or orig.name)
-        fixes = pair.get("fixes") or []
+        edits = ([f"fix {', '.join(pair['fixes'])}"] if pair.get("fixes") else []) + list(pair.get("ablations") or [])
         for run, code in ((reimpl, "simbench"), (orig, "original code")):
-            code_label = code if code == "simbench" or not fixes else f"original code, fix {', '.join(fixes)}"
+            code_label = ", ".join([code] + (edits if code == "original code" else []))
             if run is None:
                 cells.append([method, latex_escape(code_label), MISSING] + [MISSING] * len(columns) + [""])
                 continue

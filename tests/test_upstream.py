@@ -308,6 +308,29 @@ def test_sim_fix_is_applied_only_when_a_run_names_it(fake_env, smoke_params):
         upstream.resolve_upstream_run(bad, "u")
 
 
+def test_sim_copy_paste_fix_and_prototype_ablation(fake_env, smoke_params):
+    """`fixes: [paste_zero_scores]` keeps the release's copy-paste draw alive when every score is 0;
+    `ablations: [without_prototypes]` makes its pseudo label the teacher's score alone (0.5 * 1 + 0.5 * 0 -> 0)."""
+    params = _params(smoke_params, fake_env, {
+        "plain": {"code": "sim", "set": {"model.backbone": "resnet50"}},
+        "edited": {"code": "sim", "set": {"model.backbone": "resnet50"}, "fixes": ["paste_zero_scores"],
+                   "ablations": ["without_prototypes"]}})
+    runs_dir = Path(params["train"]["runs_dir"])
+    record = {}
+    for name in ("plain", "edited"):
+        upstream.run_upstream(params, name, echo=None)
+        record[name] = json.loads((runs_dir / name / "upstream/output/fake_record.json").read_text())["sim"]
+    assert record["plain"]["paste_all_zero"] == "Total of weights must be greater than zero"
+    assert record["edited"]["paste_all_zero"] in (0, 1)
+    assert record["plain"]["pseudo_label"] == 0.5 and record["edited"]["pseudo_label"] == 0.0
+    run = json.loads((runs_dir / "edited" / "run.json").read_text())["upstream"]
+    assert run["fixes"] == ["paste_zero_scores"] and run["ablations"] == ["without_prototypes"]
+    assert any("without_prototypes" in why for why in run["patch"])
+    bad = _params(smoke_params, fake_env, {"u": {"code": "adelaidet", "ablations": ["without_prototypes"]}})
+    with pytest.raises(InputError, match="ablations must be a list of ablations for adelaidet"):
+        upstream.resolve_upstream_run(bad, "u")
+
+
 def test_failed_upstream_run_is_one_line_with_the_log_tail(fake_env, smoke_params, monkeypatch):
     monkeypatch.setenv("FAKE_UPSTREAM_FAIL", "1")
     params = _params(smoke_params, fake_env, {"u": {"code": "adelaidet", "set": {"model.backbone": "resnet50"}}})
@@ -348,6 +371,9 @@ def test_cli_and_report_rows(fake_env, smoke_params, tmp_path, capsys):
     fixed = tables.original_code_table([{**p, "fixes": ["focal_on_logits"]} for p in pairs],
                                        Setting("smoke", "synthetic", "val"))
     assert "original code, fix focal\\_on\\_logits" in fixed and "\\label{tab:original-code}" in fixed
+    ablated = tables.original_code_table([{**p, "fixes": ["a"], "ablations": ["without_prototypes"]} for p in pairs],
+                                         Setting("smoke", "synthetic", "val"))
+    assert "original code, fix a, without\\_prototypes" in ablated
 
     from experiments.report import run_report
     params["report"]["data_dirs"]["synthetic"] = params["data"]["root"]
