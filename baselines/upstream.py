@@ -405,9 +405,19 @@ def translate(resolved: dict, code: str, num_classes: int, match_heads: bool = T
         add("MODEL.CONDINST.MASK_BRANCH.OUT_CHANNELS", int(m["mask_out_channels"]))
         add("MODEL.CONDINST.MASK_HEAD.CHANNELS", int(m["dyn_channels"]))
         add("MODEL.CONDINST.MASK_HEAD.NUM_LAYERS", int(m["dyn_layers"]))
-        if int(m.get("mask_feat_stride", 8)) != 8:
-            differences.append(f"mask branch input: simbench stride {m['mask_feat_stride']}, upstream P3 "
-                               "(stride 8, upsampled to CONDINST.MASK_OUT_STRIDE 4)")
+        branch_norm = str(m.get("mask_branch_norm", "BN"))
+        add("MODEL.CONDINST.MASK_BRANCH.NORM", {"none": '""'}.get(branch_norm, branch_norm))
+        if branch_norm == "GN" and min(32, int(m["mask_branch_channels"]) // 4) != 32:
+            differences.append(f"mask branch GroupNorm groups: simbench {min(32, int(m['mask_branch_channels']) // 4)}"
+                               ", upstream 32")
+        if int(m.get("mask_feat_stride", 8)) == 4:
+            # AdelaiDet's stride-4 mask branch: the FPN extended to P2, the branch reading P2-P5
+            add("MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']")
+            add("MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']")
+            add("MODEL.CONDINST.MASK_BRANCH.IN_FEATURES", "['p2', 'p3', 'p4', 'p5']")
+            if m.get("mask_stride4_input", "c2") != "p2":
+                differences.append("stride-4 mask branch input: simbench C2 through a conv, upstream FPN P2 "
+                                   "(model.mask_stride4_input: p2 is the same network)")
         if int(m.get("gn_groups", 32)) != 32:
             differences.append(f"GroupNorm groups: simbench {m['gn_groups']}, upstream 32")
     else:
@@ -474,6 +484,11 @@ def sim_patches(resolved: dict, scatter_standin: bool = False) -> list[Patch]:
     - the prototype momentum ``0.999`` (same file) and the EMA teacher's
       ``alpha = 0.9999`` (``condinst.py``) become ``sim.proto_momentum`` and
       ``sim.ema_momentum``, simbench's values for the same schedule;
+    - with ``model.mask_feat_stride: 4`` (the branch on P2): the two
+      ``F.interpolate(mask_feats[_ema], scale_factor=2, ...)`` before the
+      feature similarity and the prototypes become ``scale_factor=1``: they
+      bring stride-8 features to the mask stride 4, which stride-4 features
+      already have;
     - with ``scatter_standin``: ``from torch_scatter import scatter_mean``
       becomes a few lines on ``Tensor.scatter_reduce`` (same result: the mean
       of each index's entries, 0 for an index without entries).
@@ -492,6 +507,10 @@ def sim_patches(resolved: dict, scatter_standin: bool = False) -> list[Patch]:
         Patch(cond, r"(alpha\s*=\s*)0\.9999\b", rf"\g<1>{float(s['ema_momentum'])!r}", 1,
               f"EMA teacher momentum 0.9999 -> {s['ema_momentum']} (sim.ema_momentum)"),
     ]
+    if int(resolved["model"].get("mask_feat_stride", 8)) == 4:
+        patches.append(Patch(head, r"(F\.interpolate\(\s*mask_feats(?:_ema)?,\s*scale_factor=)2,", r"\g<1>1,", 2,
+                             "mask features at stride 4: the feature-similarity upsampling x2 -> x1 (the release "
+                             "assumes stride-8 features and upsamples them to the mask stride 4)"))
     if scatter_standin:
         patches.append(Patch(head, r"^from torch_scatter import scatter_mean[ \t]*$",
                              SCATTER_STANDIN.replace("\\", "\\\\").rstrip("\n"), 1,

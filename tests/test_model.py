@@ -433,6 +433,40 @@ def test_stride4_mask_branch_reads_c2_and_skips_upsampling():
         MaskBranch(8, 8, 1, 4, "GN", out_stride=4, detail_channels=None)
 
 
+def test_stride4_mask_branch_on_p2_is_adelaidets_branch():
+    """mask_stride4_input p2: the FPN adds P2 for the mask branch only, and the branch is
+    refine(P2) + sum of refine(P_l) upsampled to P2 (AdelaiDet's MASK_BRANCH.IN_FEATURES p2-p5)."""
+    torch.manual_seed(0)
+    cfg = {**DEMO_MODEL_CFG, "mask_feat_stride": 4, "mask_stride4_input": "p2"}
+    model = CondInst(3, cfg).eval()
+    images = torch.randn(2, 3, 64, 64)
+    out = model(images)
+    assert out.mask_feats.shape == (2, cfg["mask_out_channels"], 16, 16)
+    assert out.num_per_level == [64, 16, 4]  # P3-P5 only: P2 never reaches the FCOS head
+    feats, pyramid = model.pyramid(images)
+    assert feats["p2"].shape[-2:] == (16, 16) and len(pyramid) == 3
+    branch = model.mask_branch
+    expected = branch.detail(feats["p2"])
+    for level, factor in zip(range(3), (2, 4, 8)):
+        expected = expected + aligned_bilinear(branch.refine[level](pyramid[level]), factor)
+    torch.testing.assert_close(out.mask_feats, branch.tower(expected))
+    # the head reads P3-P5 only: a change of C2 moves the mask features, not the class logits
+    with torch.no_grad():
+        grabbed = model.backbone(images)
+        moved = model.neck({**grabbed, "c2": grabbed["c2"] + 1.0})
+        still = model.neck(grabbed)
+    assert not torch.allclose(moved[0], still[0])
+    for a, b in zip(moved[1:], still[1:]):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(InputError, match="mask_stride4_input"):
+        CondInst(3, {**cfg, "mask_stride4_input": "p3"})
+    with pytest.raises(InputError, match="neck: fpn"):
+        build_neck({**cfg, "neck": "bifpn"}, {"c2": 32, "c3": 64, "c4": 128, "c5": 256})
+    # at stride 8 the setting is inert: the same network as without it
+    plain = CondInst(3, {**DEMO_MODEL_CFG, "mask_stride4_input": "p2"})
+    assert not hasattr(plain.mask_branch, "detail") or plain.mask_branch.detail is None
+
+
 def test_resnet18_channels_and_norm_follow_pretrained(tmp_path):
     """R-18 (the original-code comparison's backbone): BasicBlock widths; trainable BN from scratch,
     frozen BN (as detectron2) once weights are loaded."""

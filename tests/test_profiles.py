@@ -130,7 +130,7 @@ def test_weights_warmup_and_thresh_with_ctr(name):
         assert p["model"]["pretrained"] == expected
         assert p["boxinst"]["pairwise_warmup_iters"] == 10000  # BOXINST.PAIRWISE.WARMUP_ITERS, every schedule
     else:
-        assert name in ("demo", "demo_ablations", "smoke", "coco128", "upstream_demo")
+        assert name in ("demo", "demo_ablations", "smoke", "coco128", "upstream_demo", "upstream_converge")
         assert p["model"]["pretrained"] == "none"
         assert p["boxinst"]["pairwise_warmup_iters"] is None
 
@@ -176,3 +176,27 @@ def test_upstream_demo_is_the_demo_with_the_originals_settings_on_both_sides():
         assert o["SOLVER.BASE_LR"] == "0.01" and o["SOLVER.WEIGHT_DECAY_NORM"] == "0.0"
     paper = dict(p, run="x", sim=dict(p["sim"], variant="paper"))  # simbench's paper recipe against the release
     assert [d[:36] for d in translate(paper, "sim", num_classes=6)[1]] == ["SIM: the release's own recipe (focal"]
+
+
+def test_upstream_converge_is_upstream_demo_with_the_measured_changes():
+    """upstream_converge: upstream_demo with the three changes under which AdelaiDet's BoxInst converges
+    (docs/upstream.md 0.6): stride-4 mask branch on P2, four times the schedule, SIM's momenta rescaled;
+    nothing unequal between the two sides."""
+    from baselines.upstream import sim_patches, translate
+
+    demo, p = load_params(profile_path("upstream_demo")), load_params(profile_path("upstream_converge"))
+    assert p["data"] == demo["data"] and p["synthetic"] == demo["synthetic"]
+    changed = {"mask_feat_stride": 4, "mask_stride4_input": "p2"}
+    assert {k: v for k, v in p["model"].items() if demo["model"][k] != v} == changed
+    assert (p["train"]["max_iter"], p["train"]["steps"], p["train"]["warmup_iters"]) == (2800, [2100, 2520], 200)
+    for key in ("optimizer", "lr", "batch_size", "weight_decay", "norm_weight_decay", "momentum"):
+        assert p["train"][key] == demo["train"][key], key
+    # the release's momenta for 90000 iterations, rescaled to 2800 as upstream_demo's are to 700
+    assert p["sim"]["ema_momentum"] == pytest.approx(1 - 1e-4 * 90000 / 2800, abs=1e-6)
+    assert p["sim"]["proto_momentum"] == pytest.approx(1 - 1e-3 * 90000 / 2800, abs=1e-6)
+    assert p["upstream_runs"]["sim_orig_fixed_s0"]["fixes"] == ["focal_on_logits", "paste_zero_scores"]
+    for code in ("adelaidet", "sim"):
+        opts, differences = translate(dict(p, run="x"), code, num_classes=p["synthetic"]["num_classes"])
+        assert differences == [], differences
+        assert dict(zip(opts[0::2], opts[1::2]))["MODEL.CONDINST.MASK_BRANCH.IN_FEATURES"] == "['p2', 'p3', 'p4', 'p5']"
+    assert any("stride 4" in patch.why for patch in sim_patches(p))

@@ -76,8 +76,30 @@ def test_translate_shared_settings(smoke_params):
     # every value is something detectron2's literal_eval-based merge reads back
     import ast
     for key, value in o.items():
-        if key not in ("INPUT.MIN_SIZE_TRAIN_SAMPLING", "MODEL.RESNETS.NORM", "MODEL.FCOS.NORM"):
+        if key not in ("INPUT.MIN_SIZE_TRAIN_SAMPLING", "MODEL.RESNETS.NORM", "MODEL.FCOS.NORM",
+                       "MODEL.CONDINST.MASK_BRANCH.NORM"):
             ast.literal_eval(value)
+
+
+def test_translate_mask_branch(smoke_params):
+    """The mask branch's norm always, and at stride 4 AdelaiDet's P2-P5 branch; simbench's C2 input is a
+    difference, its P2 input (model.mask_stride4_input: p2) is not."""
+    resolved = json.loads(json.dumps(smoke_params))
+    resolved["model"].update(backbone="resnet18", mask_feat_stride=4, mask_stride4_input="p2", mask_branch_norm="BN")
+    opts, differences = upstream.translate(resolved, "adelaidet", num_classes=6)
+    o = _opts(opts)
+    assert o["MODEL.CONDINST.MASK_BRANCH.NORM"] == "BN"
+    assert o["MODEL.CONDINST.MASK_BRANCH.IN_FEATURES"] == "['p2', 'p3', 'p4', 'p5']"
+    assert o["MODEL.FPN.IN_FEATURES"] == o["MODEL.RESNETS.OUT_FEATURES"] == "['res2', 'res3', 'res4', 'res5']"
+    assert not any("mask branch" in d for d in differences)
+    resolved["model"].update(mask_stride4_input="c2", mask_branch_norm="GN", mask_branch_channels=64)
+    opts, differences = upstream.translate(resolved, "adelaidet", num_classes=6)
+    assert _opts(opts)["MODEL.CONDINST.MASK_BRANCH.NORM"] == "GN"
+    assert any("C2 through a conv" in d for d in differences)
+    assert any("GroupNorm groups: simbench 16, upstream 32" in d for d in differences)
+    resolved["model"].update(mask_feat_stride=8, mask_branch_norm="none")
+    o = _opts(upstream.translate(resolved, "adelaidet", num_classes=6)[0])
+    assert "MODEL.CONDINST.MASK_BRANCH.IN_FEATURES" not in o and o["MODEL.CONDINST.MASK_BRANCH.NORM"] == '""'
 
 
 def test_translate_refuses_backbones_detectron2_does_not_build(smoke_params):
@@ -99,6 +121,10 @@ def test_sim_patch_scales_the_constants_on_a_copy(tmp_path, smoke_params):
     assert f"alpha = {float(resolved['sim']['ema_momentum'])!r}" in (copy / "adet/modeling/condinst/condinst.py").read_text()
     assert "-        if self._iter > 10000:" in diff and "+        if self._iter > 78:" in diff
     assert "10000" in (FAKE / "checkout/adet/modeling/condinst/dynamic_mask_head.py").read_text()  # untouched
+    # stride-4 mask features: the release's x2 upsampling before the feature similarity becomes x1
+    assert head.count("scale_factor=1,") == 2 and "scale_factor=2," not in head
+    resolved["model"]["mask_feat_stride"] = 8
+    assert not any("stride 4" in p.why for p in upstream.sim_patches(resolved))
 
 
 def test_patch_refuses_a_checkout_that_differs(tmp_path, smoke_params):
@@ -271,6 +297,7 @@ def test_sim_run_patches_a_private_copy(fake_env, smoke_params):
     assert fake["sim"]["alpha"] == params["sim"]["ema_momentum"]
     assert fake["sim"]["momentum"] == params["sim"]["proto_momentum"]
     assert fake["sim"]["scatter_mean"] == [2.0, 5.0]  # the stand-in (torch_scatter is not installed here)
+    assert fake["sim"]["feature_size"] == ([4, 4] if params["model"]["mask_feat_stride"] == 4 else [8, 8])
     run = json.loads((run_dir / "run.json").read_text())
     assert "10000 -> 78" in " ".join(run["upstream"]["patch"]) and run["patch_diff"]
     assert (run_dir / "upstream" / "patch.diff").read_text() == run["patch_diff"]

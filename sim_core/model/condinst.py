@@ -31,6 +31,8 @@ mask_branch_channels      128                 64              width of the mask 
 mask_branch_convs         4                   1               3x3 convs after the P3-P5 fusion
 mask_branch_norm          BN                  GN              BN | GN | none in the mask branch
 mask_feat_stride          8                   4               stride of the mask features (4 adds C2; docs/demo_scale.md)
+mask_stride4_input        c2                  c2              at stride 4: c2 (C2 through a conv, simbench) | p2 (FPN P2,
+                                                              AdelaiDet's MASK_BRANCH.IN_FEATURES p2-p5)
 mask_out_channels         16                  8               mask feature channels (CondInst 8; BoxInst/SIM 16)
 dyn_channels              8                   8               width of the dynamic mask head
 dyn_layers                3                   3               layers of the dynamic mask head
@@ -63,7 +65,7 @@ from sim_core.model.fcos import (FCOSAssignment, FCOSHead, assign_targets, compu
                                  detection_losses)
 from sim_core.model.mask_head import DynamicMaskHead, MaskBranch
 from sim_core.model.mask_inputs import MaskLossInputs
-from sim_core.model.neck import build_neck, check_fpn_levels
+from sim_core.model.neck import build_neck, check_fpn_levels, stride4_input
 from sim_core.model.postprocess import paste_masks, select_detections
 
 DEFAULT_MODEL_CFG: dict[str, Any] = {
@@ -73,7 +75,7 @@ DEFAULT_MODEL_CFG: dict[str, Any] = {
     "head_convs": 4, "head_norm": "GN", "gn_groups": 32, "prior_prob": 0.01, "box_activation": "relu",
     "sizes_of_interest": [64, 128, 256, 512], "center_sampling_radius": 1.5,
     "mask_branch_channels": 128, "mask_branch_convs": 4, "mask_branch_norm": "BN", "mask_feat_stride": 8,
-    "mask_out_channels": 16,
+    "mask_stride4_input": "c2", "mask_out_channels": 16,
     "dyn_channels": 8, "dyn_layers": 3, "topk_masks_per_image": 64,
     "focal_alpha": 0.25, "focal_gamma": 2.0,
     "score_thresh": 0.05, "nms_thresh": 0.6, "max_detections": 100, "pre_nms_topk": 1000,
@@ -149,10 +151,12 @@ class CondInst(nn.Module):
         self.head = FCOSHead(channels, num_classes, int(cfg["head_convs"]), self.fpn_strides,
                              self.mask_head.num_params, cfg["head_norm"], int(cfg["gn_groups"]),
                              float(cfg["prior_prob"]), cfg["box_activation"])
+        self.stride4_input = stride4_input(cfg)
+        detail_channels = channels if self.stride4_input == "p2" else self.backbone.out_channels.get("c2")
         self.mask_branch = MaskBranch(channels, int(cfg["mask_branch_channels"]), int(cfg["mask_branch_convs"]),
                                       int(cfg["mask_out_channels"]), cfg["mask_branch_norm"],
-                                      out_stride=mask_feat_stride,
-                                      detail_channels=self.backbone.out_channels.get("c2"))
+                                      out_stride=mask_feat_stride, detail_channels=detail_channels,
+                                      detail_is_p2=self.stride4_input == "p2")
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
         # Channels-last conv weights make oneDNN (CPU) and cuDNN pick their faster NHWC
@@ -186,7 +190,7 @@ class CondInst(nn.Module):
     def forward(self, images_norm: Tensor) -> DetectorOutputs:
         feats, pyramid = self.pyramid(images_norm)
         cls, box, ctr, ctl = self.head(pyramid)
-        mask_feats = self.mask_branch(pyramid, feats.get("c2"))  # C2 is read only at mask_feat_stride 4
+        mask_feats = self.mask_branch(pyramid, feats.get(self.stride4_input or "c2"))  # read at stride 4 only
         locations, strides, levels, counts = self.level_locations(pyramid)
         return DetectorOutputs(
             cls_logits=flatten_levels(cls), box_reg=flatten_levels(box), centerness=flatten_levels(ctr)[..., 0],
@@ -197,6 +201,9 @@ class CondInst(nn.Module):
         """Backbone features and the neck's levels (checked against ``fpn_strides``)."""
         feats = self.backbone(images_norm)
         pyramid = self.neck(feats)
+        if self.stride4_input == "p2":  # P2 feeds only the mask branch, never the FCOS head
+            feats = {**feats, "p2": pyramid[0]}
+            pyramid = pyramid[1:]
         if len(pyramid) != len(self.fpn_strides):
             raise ValueError(f"neck returned {len(pyramid)} levels, expected {len(self.fpn_strides)}")
         return feats, pyramid

@@ -9,7 +9,11 @@ BoxInst's and SIM's configs, where SIM's prototypes live in this space).
 ``mask_feat_stride: 4`` (the CPU demo's setting; CondInst and the papers use 8)
 adds the backbone's stride-4 map C2 through a 3x3 conv and sums it with the
 x2-upsampled P3-P5 fusion, so the tower, the mask features and the dynamic
-head run at stride 4 and no logit upsampling is needed. Why the demo needs it:
+head run at stride 4 and no logit upsampling is needed. With
+``mask_stride4_input: p2`` the stride-4 input is the FPN's P2 instead, and every
+refined level is upsampled straight to P2's size and summed (AdelaiDet's mask
+branch with ``MASK_BRANCH.IN_FEATURES`` p2-p5), so that runs against the
+original code use the same network. Why the demo needs it:
 a 128-pixel demo image is about six times smaller than a COCO image at test
 size 800, so a stride-8 grid gives a 40-88 pixel demo object 5-11 cells where
 a typical COCO object gets several times more. Even a perfect stride-8 mask,
@@ -83,7 +87,7 @@ class MaskBranch(nn.Module):
     """
 
     def __init__(self, in_channels: int, channels: int, num_convs: int, out_channels: int, norm: str = "BN",
-                 out_stride: int = 8, detail_channels: int | None = None):
+                 out_stride: int = 8, detail_channels: int | None = None, detail_is_p2: bool = False):
         super().__init__()
         if out_stride not in (4, 8):
             raise InputError("model.mask_feat_stride", f"must be 8 (CondInst) or 4, got {out_stride!r}")
@@ -98,19 +102,23 @@ class MaskBranch(nn.Module):
                                    nn.Conv2d(channels, out_channels, 1))
         self.out_channels = out_channels
         self.out_stride = out_stride
+        self.detail_is_p2 = bool(detail_is_p2) and self.detail is not None
 
     def forward(self, feats: list[Tensor], detail: Tensor | None = None) -> Tensor:
-        """``feats`` are the FPN maps starting at P3 (only P3-P5 are used); ``detail`` is C2."""
+        """``feats`` are the FPN maps starting at P3 (only P3-P5 are used); ``detail`` is C2 (or P2)."""
+        if self.detail is not None and detail is None:
+            raise ValueError("a stride-4 mask branch needs its stride-4 map (C2 or P2)")
+        if self.detail_is_p2:
+            return self.tower(self._fuse_pyramid(feats, self.detail(detail)))
         x = self._fuse_pyramid(feats)
         if self.detail is not None:
-            if detail is None:
-                raise ValueError("a stride-4 mask branch needs the backbone's C2 map")
             x = self.detail(detail) + aligned_bilinear(x, 2)
         return self.tower(x)
 
-    def _fuse_pyramid(self, feats: list[Tensor]) -> Tensor:
-        x = self.refine[0](feats[0])
-        for level in (1, 2):
+    def _fuse_pyramid(self, feats: list[Tensor], base: Tensor | None = None) -> Tensor:
+        """``base`` (or refined P3) plus each refined level upsampled to its size."""
+        x = self.refine[0](feats[0]) if base is None else base
+        for level in (0, 1, 2) if base is not None else (1, 2):
             y = self.refine[level](feats[level])
             factor = x.shape[-2] // y.shape[-2]
             if factor * y.shape[-2] != x.shape[-2] or factor * y.shape[-1] != x.shape[-1]:
