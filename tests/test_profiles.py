@@ -179,9 +179,8 @@ def test_upstream_demo_is_the_demo_with_the_originals_settings_on_both_sides():
 
 
 def test_upstream_converge_is_upstream_demo_with_the_measured_changes():
-    """upstream_converge: upstream_demo with the three changes under which AdelaiDet's BoxInst converges
-    (docs/upstream.md 0.6): stride-4 mask branch on P2, four times the schedule, SIM's momenta rescaled;
-    nothing unequal between the two sides."""
+    """upstream_converge: upstream_demo with the changes measured in docs/upstream.md 0.6: stride-4 mask
+    branch on P2, four times the schedule, SIM's momenta rescaled; nothing unequal between the two sides."""
     from baselines.upstream import sim_patches, translate
 
     demo, p = load_params(profile_path("upstream_demo")), load_params(profile_path("upstream_converge"))
