@@ -407,9 +407,11 @@ def translate(resolved: dict, code: str, num_classes: int, match_heads: bool = T
         add("MODEL.CONDINST.MASK_HEAD.NUM_LAYERS", int(m["dyn_layers"]))
         branch_norm = str(m.get("mask_branch_norm", "BN"))
         add("MODEL.CONDINST.MASK_BRANCH.NORM", {"none": '""'}.get(branch_norm, branch_norm))
-        if branch_norm == "GN" and min(32, int(m["mask_branch_channels"]) // 4) != 32:
-            differences.append(f"mask branch GroupNorm groups: simbench {min(32, int(m['mask_branch_channels']) // 4)}"
-                               ", upstream 32")
+        from sim_core.model.mask_head import mask_branch_gn_groups
+
+        branch_groups = mask_branch_gn_groups(int(m["mask_branch_channels"]))
+        if branch_norm == "GN" and branch_groups != 32:
+            differences.append(f"mask branch GroupNorm groups: simbench {branch_groups}, upstream 32")
         if int(m.get("mask_feat_stride", 8)) == 4:
             # AdelaiDet's stride-4 mask branch: the FPN extended to P2, the branch reading P2-P5
             add("MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']")

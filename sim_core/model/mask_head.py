@@ -65,12 +65,17 @@ def aligned_bilinear(x: Tensor, factor: int) -> Tensor:
     return x[:, :, : factor * h, : factor * w]
 
 
+def mask_branch_gn_groups(channels: int) -> int:
+    """GroupNorm groups of a mask-branch layer of ``channels`` (AdelaiDet uses 32 at any width)."""
+    return min(32, channels // 4) or 1
+
+
 def _conv_block(cin: int, cout: int, norm: str) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, 1, 1, bias=norm == "none")]
     if norm == "BN":
         layers.append(nn.BatchNorm2d(cout))
     elif norm == "GN":
-        layers.append(nn.GroupNorm(min(32, cout // 4) or 1, cout))
+        layers.append(nn.GroupNorm(mask_branch_gn_groups(cout), cout))
     elif norm != "none":
         raise InputError("model.mask_branch_norm", f"must be 'BN', 'GN' or 'none', got {norm!r}")
     layers.append(nn.ReLU(inplace=True))

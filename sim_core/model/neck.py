@@ -77,9 +77,9 @@ def build_neck(cfg: dict[str, Any], in_channels: dict[str, int]) -> nn.Module:
     if name == "fpn":
         return FPNNeck(in_channels, int(cfg.get("fpn_channels", 256)), cfg.get("fpn_levels", [3, 4, 5, 6, 7]),
                        with_p2=with_p2)
-    if with_p2:
-        raise InputError("model.mask_stride4_input", f"p2 needs neck: fpn, got {name!r}")
-    elif name == "bifpn":
+    if name == "bifpn":
+        if with_p2:
+            raise InputError("model.mask_stride4_input", f"p2 needs neck: fpn, got {name!r}")
         from sim_core.model.bifpn import build_bifpn
         return build_bifpn(cfg, in_channels)
     raise InputError("model.neck", f"unknown neck '{name}'; choose one of {', '.join(NECKS)}")
