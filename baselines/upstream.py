@@ -413,13 +413,18 @@ def translate(resolved: dict, code: str, num_classes: int, match_heads: bool = T
         if branch_norm == "GN" and branch_groups != 32:
             differences.append(f"mask branch GroupNorm groups: simbench {branch_groups}, upstream 32")
         if int(m.get("mask_feat_stride", 8)) == 4:
-            # AdelaiDet's stride-4 mask branch: the FPN extended to P2, the branch reading P2-P5
             add("MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']")
-            add("MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']")
-            add("MODEL.CONDINST.MASK_BRANCH.IN_FEATURES", "['p2', 'p3', 'p4', 'p5']")
-            if m.get("mask_stride4_input", "c2") != "p2":
-                differences.append("stride-4 mask branch input: simbench C2 through a conv, upstream FPN P2 "
-                                   "(model.mask_stride4_input: p2 is the same network)")
+            if m.get("mask_stride4_input", "c2") == "p2":
+                # AdelaiDet's own stride-4 mask branch: the FPN extended to P2, the branch reading P2-P5
+                add("MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']")
+                add("MODEL.CONDINST.MASK_BRANCH.IN_FEATURES", "['p2', 'p3', 'p4', 'p5']")
+            else:
+                # the backbone's C2 beside P3-P5 (needs the reviewed `c2_input_patches` in the private copy)
+                add("MODEL.FPN.IN_FEATURES", "['res3', 'res4', 'res5']")
+                add("MODEL.CONDINST.MASK_BRANCH.IN_FEATURES", "['res2', 'p3', 'p4', 'p5']")
+                differences.append("stride-4 mask branch with C2: simbench sums the refined P3-P5 at stride 8 "
+                                   "and upsamples the sum x2; upstream upsamples each refined level straight "
+                                   "to stride 4 (aligned bilinear on both sides)")
         if int(m.get("gn_groups", 32)) != 32:
             differences.append(f"GroupNorm groups: simbench {m['gn_groups']}, upstream 32")
     else:
@@ -518,6 +523,52 @@ def sim_patches(resolved: dict, scatter_standin: bool = False) -> list[Patch]:
                              SCATTER_STANDIN.replace("\\", "\\\\").rstrip("\n"), 1,
                              "torch_scatter not installed: scatter_mean on Tensor.scatter_reduce"))
     return patches
+
+
+_FPN_WITH_RES2 = '''
+class FPNWithRes2(FPN):  # simbench patch: also return the backbone's res2 (C2) for the mask branch
+    def forward(self, x):
+        kept = {}
+        hook = self.bottom_up.register_forward_hook(lambda module, inputs, out: kept.update(res2=out["res2"]))
+        try:
+            out = super().forward(x)
+        finally:
+            hook.remove()
+        out["res2"] = kept["res2"]
+        return out
+
+    def output_shape(self):
+        shapes = super().output_shape()
+        shapes["res2"] = self.bottom_up.output_shape()["res2"]
+        return shapes
+
+
+'''
+
+
+def c2_input_patches() -> list[Patch]:
+    """The stride-4 mask branch with the backbone's C2 (simbench's ``mask_stride4_input: c2``) in the originals.
+
+    AdelaiDet's (and the released SIM's) mask branch reads only the backbone's
+    outputs by name, and the FCOS backbone returns only the FPN's levels. In
+    ``adet/modeling/backbone/fpn.py`` the backbone becomes a subclass of
+    detectron2's ``FPN`` that also returns the bottom-up ``res2`` (kept by a
+    forward hook registered for the call only, so the SIM teacher's separately
+    built backbone keeps its own) and lists it in ``output_shape``; with
+    ``MASK_BRANCH.IN_FEATURES ['res2', 'p3', 'p4', 'p5']`` (set by
+    :func:`translate`) the unmodified mask branch refines C2 and P3-P5 and sums
+    them at stride 4. The FPN's own levels, FCOS and the heads are unchanged.
+    Reviewed against AdelaiDet 3672122 and lslrh/SIM b2510de (the file is the
+    same in both).
+    """
+    path = "adet/modeling/backbone/fpn.py"
+    return [
+        Patch(path, r"^(@BACKBONE_REGISTRY\.register\(\)\ndef build_fcos_resnet_fpn_backbone\b)",
+              _FPN_WITH_RES2.replace("\\", "\\\\") + r"\g<1>", 1,
+              "stride-4 mask branch with C2: an FPN subclass that also returns res2 (FPNWithRes2)"),
+        Patch(path, r"^(\s*backbone = )FPN\(", r"\g<1>FPNWithRes2(", 1,
+              "stride-4 mask branch with C2: build_fcos_resnet_fpn_backbone builds FPNWithRes2"),
+    ]
 
 
 _SIM_HEAD = "adet/modeling/condinst/dynamic_mask_head.py"
@@ -759,6 +810,9 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
         patches = sim_patches(resolved, scatter_standin=standin)
     elif code == "sim":
         differences.append("SIM constants not scaled (upstream.scale_constants false): gate 10000, ramp 270000")
+    if int(resolved["model"].get("mask_feat_stride", 8)) == 4 and \
+            resolved["model"].get("mask_stride4_input", "c2") != "p2":
+        patches = patches + c2_input_patches()
     fixes = [str(f) for f in entry.get("fixes") or []]
     ablations = [str(f) for f in entry.get("ablations") or []]
     patches += fix_patches(fixes) + fix_patches(ablations, ABLATIONS)

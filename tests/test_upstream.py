@@ -94,8 +94,13 @@ def test_translate_mask_branch(smoke_params):
     assert not any("mask branch" in d for d in differences)
     resolved["model"].update(mask_stride4_input="c2", mask_branch_norm="GN", mask_branch_channels=64)
     opts, differences = upstream.translate(resolved, "adelaidet", num_classes=6)
-    assert _opts(opts)["MODEL.CONDINST.MASK_BRANCH.NORM"] == "GN"
-    assert any("C2 through a conv" in d for d in differences)
+    o = _opts(opts)
+    assert o["MODEL.CONDINST.MASK_BRANCH.NORM"] == "GN"
+    # C2 beside P3-P5 (the backbone patch returns res2); the FPN keeps P3-P5 only
+    assert o["MODEL.CONDINST.MASK_BRANCH.IN_FEATURES"] == "['res2', 'p3', 'p4', 'p5']"
+    assert o["MODEL.FPN.IN_FEATURES"] == "['res3', 'res4', 'res5']"
+    assert o["MODEL.RESNETS.OUT_FEATURES"] == "['res2', 'res3', 'res4', 'res5']"
+    assert any("upsamples each refined level straight to stride 4" in d for d in differences)
     assert any("GroupNorm groups: simbench 16, upstream 32" in d for d in differences)
     resolved["model"].update(mask_feat_stride=8, mask_branch_norm="none")
     o = _opts(upstream.translate(resolved, "adelaidet", num_classes=6)[0])
@@ -125,6 +130,28 @@ def test_sim_patch_scales_the_constants_on_a_copy(tmp_path, smoke_params):
     assert head.count("scale_factor=1,") == 2 and "scale_factor=2," not in head
     resolved["model"]["mask_feat_stride"] = 8
     assert not any("stride 4" in p.why for p in upstream.sim_patches(resolved))
+
+
+def test_c2_patch_makes_the_backbone_return_res2(tmp_path, monkeypatch):
+    """The patched FCOS backbone returns the FPN's levels plus the bottom-up res2, in outputs and shapes."""
+    monkeypatch.syspath_prepend(str(FAKE / "site"))
+    copy = upstream.private_copy(FAKE / "checkout", tmp_path / "copy")
+    diff = upstream.apply_patches(copy, upstream.c2_input_patches())
+    assert "+    backbone = FPNWithRes2(" in diff and "-    backbone = FPN(" in diff
+    monkeypatch.syspath_prepend(str(copy))
+    for name in [m for m in sys.modules if m == "adet" or m.startswith("adet.")]:
+        monkeypatch.delitem(sys.modules, name)
+    import torch
+    from adet.modeling.backbone.fpn import build_fcos_resnet_fpn_backbone
+
+    backbone = build_fcos_resnet_fpn_backbone({"FPN.IN_FEATURES": ["res3", "res4", "res5"]}, None)
+    image = torch.arange(1024.0).reshape(1, 1, 32, 32)
+    out = backbone(image)
+    assert sorted(out) == ["p3", "p4", "p5", "res2"]
+    assert torch.equal(out["res2"], torch.nn.functional.avg_pool2d(image, 4))
+    assert backbone.output_shape()["res2"]["stride"] == 4
+    assert not backbone.bottom_up._forward_hooks  # the hook lives for one call only
+    assert "FPNWithRes2" not in (FAKE / "checkout/adet/modeling/backbone/fpn.py").read_text()  # untouched
 
 
 def test_patch_refuses_a_checkout_that_differs(tmp_path, smoke_params):
@@ -281,10 +308,22 @@ def test_adelaidet_run_end_to_end(fake_env, smoke_params, tmp_path):
     assert fake["opts"]["MODEL.DEVICE"] in ("cpu", "cuda") and fake["threads"] == "1"
     assert fake["datasets"]["simbench_val"]["json_file"].endswith("val.json")
     run = json.loads((run_dir / "run.json").read_text())
-    assert run["upstream"]["code"] == "adelaidet" and run["upstream"]["private_copy"] is None
     assert run["upstream"]["opts"][run["upstream"]["opts"].index("SOLVER.MAX_ITER") + 1] == str(
         params["train"]["max_iter"])
-    assert run["patch_diff"] is None
+    # the smoke profile's stride-4 mask branch reads C2: a private copy with the backbone patch
+    assert params["model"]["mask_feat_stride"] == 4 and params["model"]["mask_stride4_input"] == "c2"
+    assert run["upstream"]["code"] == "adelaidet" and run["upstream"]["private_copy"]
+    assert "FPNWithRes2" in run["patch_diff"]
+    assert fake["backbone"]["outputs"]["res2"][-2:] == [8, 8] and fake["backbone"]["strides"]["res2"] == 4
+    assert sorted(fake["backbone"]["outputs"]) == ["p3", "p4", "p5", "res2"]
+
+
+def test_adelaidet_run_at_stride_8_uses_the_checkout_as_is(fake_env, smoke_params):
+    params = _params(smoke_params, fake_env, {"boxinst_orig_s0": {"code": "adelaidet", "set": {
+        "model.backbone": "resnet50", "model.mask_feat_stride": 8}}})
+    upstream.run_upstream(params, "boxinst_orig_s0", echo=None)
+    run = json.loads((Path(params["train"]["runs_dir"]) / "boxinst_orig_s0" / "run.json").read_text())
+    assert run["upstream"]["private_copy"] is None and run["patch_diff"] is None
 
 
 def test_sim_run_patches_a_private_copy(fake_env, smoke_params):
