@@ -42,4 +42,8 @@ def test_real_checkout_end_to_end(code, smoke_params):
     assert 0.0 <= record["segm"]["AP"] <= 1.0
     run = json.loads((run_dir / "run.json").read_text())
     assert run["upstream"]["code"] == code and run["upstream"]["versions"]["detectron2"]
-    assert (run["patch_diff"] is not None) == (code == "sim")
+    # the smoke profile's stride-4 mask branch reads C2: both codes run a private copy with the backbone patch
+    assert params["model"]["mask_feat_stride"] == 4 and params["model"]["mask_stride4_input"] == "c2"
+    assert "FPNWithRes2" in run["patch_diff"]
+    assert "['res2', 'p3', 'p4', 'p5']" in run["upstream"]["opts"]
+    assert ("self._iter >" in run["patch_diff"]) == (code == "sim")  # SIM's schedule constants only in SIM
