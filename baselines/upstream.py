@@ -304,6 +304,11 @@ def _tuple(values) -> str:
     return "(" + ", ".join(str(int(v)) for v in values) + ",)"
 
 
+def reads_c2(model: dict) -> bool:
+    """Whether the run's mask branch reads the backbone's C2 at stride 4 (the originals need `c2_input_patches`)."""
+    return int(model.get("mask_feat_stride", 8)) == 4 and model.get("mask_stride4_input", "c2") != "p2"
+
+
 def translate(resolved: dict, code: str, num_classes: int, match_heads: bool = True) -> tuple[list[str], list[str]]:
     """detectron2 config overrides (``KEY VALUE`` ...) for simbench's shared settings, and the differences left.
 
@@ -414,7 +419,7 @@ def translate(resolved: dict, code: str, num_classes: int, match_heads: bool = T
             differences.append(f"mask branch GroupNorm groups: simbench {branch_groups}, upstream 32")
         if int(m.get("mask_feat_stride", 8)) == 4:
             add("MODEL.RESNETS.OUT_FEATURES", "['res2', 'res3', 'res4', 'res5']")
-            if m.get("mask_stride4_input", "c2") == "p2":
+            if not reads_c2(m):
                 # AdelaiDet's own stride-4 mask branch: the FPN extended to P2, the branch reading P2-P5
                 add("MODEL.FPN.IN_FEATURES", "['res2', 'res3', 'res4', 'res5']")
                 add("MODEL.CONDINST.MASK_BRANCH.IN_FEATURES", "['p2', 'p3', 'p4', 'p5']")
@@ -801,7 +806,8 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
             raise InputError(path, "missing: prepare the data first (simbench prepare / dvc repro prepare)")
     num_classes = len(load_gt(train_json, purpose="train", require_segmentation=False).category_ids)
 
-    opts, differences = translate(resolved, code, num_classes, bool(section.get("match_heads", True)))
+    match_heads = bool(section.get("match_heads", True))
+    opts, differences = translate(resolved, code, num_classes, match_heads)
     opts += [str(v) for v in (section.get("opts") or [])] + [str(v) for v in (entry.get("opts") or [])]
     patch_text, patches = "", []
     code_root = root
@@ -810,8 +816,7 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
         patches = sim_patches(resolved, scatter_standin=standin)
     elif code == "sim":
         differences.append("SIM constants not scaled (upstream.scale_constants false): gate 10000, ramp 270000")
-    if int(resolved["model"].get("mask_feat_stride", 8)) == 4 and \
-            resolved["model"].get("mask_stride4_input", "c2") != "p2":
+    if match_heads and reads_c2(resolved["model"]):  # translate routed C2 to the mask branch
         patches = patches + c2_input_patches()
     fixes = [str(f) for f in entry.get("fixes") or []]
     ablations = [str(f) for f in entry.get("ablations") or []]
