@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from sim_core.model.condinst import DEMO_MODEL_CFG, CondInst
@@ -36,9 +37,9 @@ def reference_run_teacher(teacher, images_norm, assignment, chunk=256):
                               num_gts=int(assignment.gt_boxes.shape[0]))
 
 
-def setup(seed=0, size=64, n=2):
+def setup(seed=0, size=64, n=2, cfg=DEMO_MODEL_CFG):
     torch.manual_seed(seed)
-    model = CondInst(3, DEMO_MODEL_CFG)
+    model = CondInst(3, cfg)
     g = torch.Generator().manual_seed(seed + 1)
     images = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g) for _ in range(n)]
     targets = [{"boxes": torch.tensor([[6.0, 8.0, 28.0, 30.0], [26.0, 30.0, 58.0, 60.0]]),
@@ -54,9 +55,15 @@ def setup(seed=0, size=64, n=2):
     return model, teacher, pre.images_norm, assignment
 
 
-def test_teacher_forward_fields_equal_the_full_forward():
-    _, teacher, images_norm, _ = setup()
+@pytest.mark.parametrize("feat_stride, stride4_input", [(8, "c2"), (4, "c2"), (4, "p2")])
+def test_teacher_forward_fields_equal_the_full_forward(feat_stride, stride4_input):
+    # p2 with a C2 as wide as the FPN (16 channels): a teacher that fed the branch C2 instead of P2 would
+    # run without an error and give other mask features (a defect once hidden in upstream_converge's P2 runs)
+    cfg = {**DEMO_MODEL_CFG, "mask_feat_stride": feat_stride, "mask_stride4_input": stride4_input,
+           "fpn_channels": 16, "gn_groups": 8}
+    _, teacher, images_norm, _ = setup(cfg=cfg)
     net = teacher.model
+    assert net.mask_branch.out_stride == feat_stride and net.mask_branch.detail_is_p2 == (stride4_input == "p2")
     with torch.no_grad():
         full = net(images_norm)
         part = teacher_forward(net, images_norm)

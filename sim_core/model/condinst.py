@@ -190,7 +190,7 @@ class CondInst(nn.Module):
     def forward(self, images_norm: Tensor) -> DetectorOutputs:
         feats, pyramid = self.pyramid(images_norm)
         cls, box, ctr, ctl = self.head(pyramid)
-        mask_feats = self.mask_branch(pyramid, feats.get(self.stride4_input or "c2"))  # read at stride 4 only
+        mask_feats = self.mask_features(feats, pyramid)
         locations, strides, levels, counts = self.level_locations(pyramid)
         return DetectorOutputs(
             cls_logits=flatten_levels(cls), box_reg=flatten_levels(box), centerness=flatten_levels(ctr)[..., 0],
@@ -207,6 +207,15 @@ class CondInst(nn.Module):
         if len(pyramid) != len(self.fpn_strides):
             raise ValueError(f"neck returned {len(pyramid)} levels, expected {len(self.fpn_strides)}")
         return feats, pyramid
+
+    def mask_features(self, feats: dict[str, Tensor], pyramid: list[Tensor]) -> Tensor:
+        """The mask branch's output from :meth:`pyramid`'s two results.
+
+        The one place that picks the branch's stride-4 input (C2 or P2, read at
+        stride 4 only), so every pass through the network (the student's
+        forward, SIM's teacher) feeds the branch the same map.
+        """
+        return self.mask_branch(pyramid, feats.get(self.stride4_input or "c2"))
 
     def level_locations(self, pyramid: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
         """Flattened location grid of ``pyramid``: ``(x, y)`` ``[N, 2]``, stride ``[N]``, level ``[N]``, counts."""

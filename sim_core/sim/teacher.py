@@ -62,7 +62,7 @@ def teacher_forward(net: nn.Module, images_norm: Tensor) -> TeacherOutputs:
     """
     feats, pyramid = net.pyramid(images_norm)
     box, ctl = net.head.box_outputs(pyramid)
-    mask_feats = net.mask_branch(pyramid, feats.get("c2"))
+    mask_feats = net.mask_features(feats, pyramid)
     locations, strides, _, _ = net.level_locations(pyramid)
     return TeacherOutputs(box_reg=flatten_levels(box), controllers=flatten_levels(ctl), locations=locations,
                           strides=strides, mask_feats=mask_feats)
