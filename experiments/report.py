@@ -438,8 +438,55 @@ def upstream_pairs(params: dict, runs_dir: Path) -> list[dict]:
         pairs.append({"title": code["title"], "fixes": [str(x) for x in entry.get("fixes") or []],
                       "ablations": [str(x) for x in entry.get("ablations") or []],
                       "method_name": f"{METHOD_NAMES.get(code['method'], code['method'])}",
-                      "original": RunResult(name, metrics.get("seed"), metrics), "reimplementation": reimpl})
+                      "original": RunResult(name, metrics.get("seed"), metrics), "reimplementation": reimpl,
+                      "configuration": _pair_configuration(entry, runs.get(partner) if partner else None)})
     return pairs
+
+
+def _pair_configuration(entry: dict, partner: dict | None) -> str:
+    """What a pair runs apart from its seeds: pairs with equal strings are seeds of one comparison."""
+    def without_seed(spec: dict | None) -> dict:
+        return {k: v for k, v in (spec or {}).items() if k not in ("seed", "compare")}
+    return json.dumps([without_seed(entry), without_seed(partner)], sort_keys=True, default=str)
+
+
+def pooled_seed_rows(report: "_Report", rows: list[dict], gt, setting: Setting) -> list[dict]:
+    """``rows`` with a row after each comparison run with two or more seeds: the seed means and the
+    two-level (seeds + images) interval of AP(original) - AP(simbench) (docs/statistics.md).
+
+    A single pair's interval resamples images only: each side is one trained model, so it cannot tell
+    a difference between the codes from the spread between training seeds. The pooled row can.
+    """
+    c = report.config
+    by_configuration: dict[str, list[dict]] = {}
+    for pair in rows:
+        if pair["reimplementation"] is not None:
+            by_configuration.setdefault(pair["configuration"], []).append(pair)
+    out = []
+    for pair in rows:
+        out.append(pair)
+        seeds = by_configuration.get(pair["configuration"], [])
+        if len(seeds) < 2 or pair is not seeds[-1]:
+            continue
+        pooled = {"title": pair["title"], "method_name": pair["method_name"], "fixes": pair["fixes"],
+                  "ablations": pair["ablations"], "pooled": True,
+                  "originals": [p["original"] for p in seeds],
+                  "reimplementations": [p["reimplementation"] for p in seeds]}
+        if gt is not None:
+            evals = {"a": [report._per_image(run, gt) for run in pooled["originals"]],
+                     "b": [report._per_image(run, gt) for run in pooled["reimplementations"]]}
+            if all(all(group) for group in evals.values()):
+                result = bootstrap.paired_bootstrap(evals, c["bootstrap_resamples"], c["bootstrap_seed"],
+                                                    c["bootstrap_confidence"])
+                item = result["intervals"][0]
+                pooled["interval"] = {"diff": item["diff"], **item["two_level"]}
+                pooled["image_interval"] = {"diff": item["diff"], **item["image"]}
+                pooled["resamples"] = result["resamples"]
+                report.boot_json.append({"setting": dataclasses.asdict(setting), "table": "original_code_seeds",
+                                         "a": [r.name for r in pooled["originals"]],
+                                         "b": [r.name for r in pooled["reimplementations"]], **result})
+        out.append(pooled)
+    return out
 
 
 def original_code_section(report: _Report, pairs: list[dict]) -> dict:
@@ -472,6 +519,7 @@ def original_code_section(report: _Report, pairs: list[dict]) -> dict:
                     report.boot_json.append({"setting": dataclasses.asdict(setting), "table": "original_code",
                                              "a": pair["original"].name, "b": reimpl.name, **result})
             rows.append(pair)
+        rows = pooled_seed_rows(report, rows, gt, setting)
         slug = re.sub(r"[^a-z0-9]+", "-", f"{profile}-{dataset}-{split}".lower()).strip("-")
         tables_out.append(report.table(f"original_code_{slug}", tables.original_code_table(
             rows, setting, label=f"tab:original-code-{slug}")))

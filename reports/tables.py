@@ -519,6 +519,29 @@ def supervision_quality_table(final: Sequence[tuple[str, int | None, dict[str, f
 
 
 # ------------------------------------------------------------------- original code
+def _pooled_seed_cells(pair: dict, columns: Sequence[str]) -> list[list[str]]:
+    """The two lines of a ``pooled`` pair: each side's seed mean ± std, then ΔAP with its two-level interval."""
+    cells = []
+    edits = ([f"fix {', '.join(pair['fixes'])}"] if pair.get("fixes") else []) + list(pair.get("ablations") or [])
+    for runs, code in ((pair["reimplementations"], "simbench"), (pair["originals"], "original code")):
+        row = Row(label_tex="", method="", runs=list(runs))
+        code_label = ", ".join([code] + (edits if code == "original code" else []) + [f"mean of {len(runs)} seeds"])
+        extra = ""
+        if code == "original code":
+            interval = pair.get("interval")
+            if interval is not None:
+                text = _interval_text(interval)
+                extra = fmt_delta(interval["diff"] * 100) + " " + (
+                    _bold(text) if interval["low"] > 0 or interval["high"] < 0 else text)
+            else:
+                a, b = (Row("", "", list(r)).stat("segm", "AP") for r in (pair["originals"], pair["reimplementations"]))
+                extra = fmt_delta(a.mean - b.mean) if a is not None and b is not None else MISSING
+        cells.append([latex_escape(pair.get("method_name") or "") if code == "simbench" else "",
+                      latex_escape(code_label), latex_escape(", ".join(r.name for r in runs))]
+                     + [fmt_stat(row.stat("segm", c)) for c in columns] + [extra])
+    return cells
+
+
 def original_code_table(pairs: Sequence[dict], setting: Setting, label: str = "tab:original-code") -> str:
     """Reimplementation vs original code: each upstream run under the simbench run it is compared with.
 
@@ -530,7 +553,14 @@ def original_code_table(pairs: Sequence[dict], setting: Setting, label: str = "t
     """
     columns = COCO_COLUMNS
     cells, rules, resamples = [], [], None
+    pooled_any = False
     for pair in pairs:
+        if pair.get("pooled"):
+            pooled_any = True
+            resamples = pair.get("resamples", resamples)
+            cells += _pooled_seed_cells(pair, columns)
+            rules.append(len(cells) - 1)
+            continue
         reimpl, orig = pair.get("reimplementation"), pair["original"]
         method = latex_escape(pair.get("method_name") or orig.name)
         edits = ([f"fix {', '.join(pair['fixes'])}"] if pair.get("fixes") else []) + list(pair.get("ablations") or [])
@@ -561,5 +591,10 @@ def original_code_table(pairs: Sequence[dict], setting: Setting, label: str = "t
                "and schedule (\\texttt{simbench upstream}, settings and patches in each run's run.json). "
                r"$\Delta$AP = original $-$ simbench with its paired-bootstrap interval over validation images")
     caption += f" ({resamples} resamples); bold where it excludes 0." if resamples else "; bold where it excludes 0."
+    caption += (" A single pair's interval holds each side's trained model fixed: it does not contain the "
+                "spread between training seeds.")
+    if pooled_any:
+        caption += (r" Rows \textit{mean of n seeds} pool the seeds of one comparison (mean$\pm$std) and give "
+                    "the two-level interval, which resamples seeds and images.")
     header = ["Method", "Code", "Run"] + [HEADERS[c] for c in columns] + [r"$\Delta$AP [interval]"]
     return render(cells, header, caption, label, "lll" + "r" * len(columns) + "l", rules)

@@ -493,3 +493,43 @@ def test_relative_runs_dir(fake_env, smoke_params, tmp_path, monkeypatch):
     assert config.is_absolute() and config.is_file()
     assert config.is_relative_to(run_dir / "upstream" / "code")  # the patched private copy's config
     assert (run_dir / "metrics.json").is_file()
+
+
+def test_report_pools_the_seeds_of_a_comparison(fake_env, smoke_params, tmp_path):
+    """Two seeds per side: a row of seed means with the two-level interval after the per-seed rows.
+
+    The originals score AP 1.0 with both seeds; simbench's seed 1 loses half its detections. Each per-seed
+    comparison holds its trained models fixed, so the image interval of the seed means excludes 0; the
+    two-level interval also draws simbench's seeds (both s0 with probability 1/4: no difference) and does not.
+    """
+    from experiments.report import run_report
+
+    entry = {"code": "adelaidet", "set": {"model.backbone": "resnet50"}}
+    params = _params(smoke_params, fake_env, {"boxinst_orig_s0": {**entry, "seed": 0},
+                                              "boxinst_orig_s1": {**entry, "seed": 1}})
+    upstream.run_upstream(params, "boxinst_orig_s0", echo=None)
+    runs_dir = Path(params["train"]["runs_dir"])
+    source = runs_dir / "boxinst_orig_s0"
+    segm = json.loads((source / "segm.json").read_text())
+    for name, seed, results in (("boxinst_orig_s1", 1, segm), ("boxinst_s0", 0, segm),
+                                ("boxinst_s1", 1, segm[::2])):
+        (runs_dir / name).mkdir()
+        metrics = json.loads((source / "metrics.json").read_text())
+        metrics.update(run=name, seed=seed, external=name.startswith("boxinst_orig"),
+                       original_code=name.startswith("boxinst_orig"))
+        (runs_dir / name / "metrics.json").write_text(json.dumps(metrics))
+        (runs_dir / name / "segm.json").write_text(json.dumps(results))
+    params["runs"] = {"boxinst_s0": {"method": "boxinst", "seed": 0}, "boxinst_s1": {"method": "boxinst", "seed": 1}}
+    params["report"]["data_dirs"]["synthetic"] = params["data"]["root"]
+    params["report"]["bootstrap_resamples"] = 200
+    run_report(params, runs_dir, tmp_path / "out")
+    table = next((tmp_path / "out" / "tables").glob("original_code_*.tex")).read_text()
+    assert "mean of 2 seeds" in table and "boxinst\\_orig\\_s0, boxinst\\_orig\\_s1" in table
+    assert table.count("mean of 2 seeds") == 2  # one line per side, once
+    assert r"\textit{mean of n seeds}" in table and "spread between training seeds" in table
+    boot = json.loads((tmp_path / "out" / "bootstrap.json").read_text())
+    pooled = [t for t in boot["tables"] if t["table"] == "original_code_seeds"]
+    assert len(pooled) == 1 and pooled[0]["n_seeds"] == {"a": 2, "b": 2}
+    item = pooled[0]["intervals"][0]
+    assert item["diff"] > 0 and item["image"]["low"] > 0 and item["image"]["excludes_zero"]
+    assert item["two_level"]["low"] <= 1e-12 and not item["two_level"]["excludes_zero"]
