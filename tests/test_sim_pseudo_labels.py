@@ -162,3 +162,31 @@ def test_pseudo_loss_schedules():
     assert pseudo_loss_weight(95_000, 90_000, 0.3, "linear", 0.0, 1.0) == pytest.approx(0.3)
     with pytest.raises(ValueError):
         pseudo_loss_weight(0, 10, 1.0, "cosine")
+
+
+def test_paste_dice_over_every_sampled_instance_as_the_release():
+    """``dice_over`` = N: the release's Dice mean over all N sampled rows, where a row that was not pasted has
+    weight 0 and so Dice loss 1 (no gradient): (Dice of the pasted rows + N - P) / N."""
+    logits = torch.zeros(1, 1, 1, 1, requires_grad=True)  # one pasted row, p = 0.5 on a 1-pixel target 1
+    target = torch.ones(1, 1, 1)
+    valid = torch.ones(1, 1, 1)
+    focal = 0.25 * 0.25 * math.log(2) / 2
+    dice = 1 - 2 * 0.5 / (0.25 + 1)  # squared-denominator Dice: 0.2
+    own = paste_mask_loss(logits, target, valid)
+    assert float(own) == pytest.approx(focal + dice, rel=1e-4)
+    (grad_own,) = torch.autograd.grad(own - focal, logits)
+    released = paste_mask_loss(logits, target, valid, dice_over=4)
+    assert float(released) == pytest.approx(focal + (dice + 3) / 4, rel=1e-4)
+    (grad_released,) = torch.autograd.grad(released, logits)
+    (grad_focal,) = torch.autograd.grad(weighted_focal(logits, target, valid), logits)
+    # the pasted row's Dice gradient is scaled by P / N = 1 / 4
+    assert float(grad_released - grad_focal) == pytest.approx(float(grad_own - grad_focal) / 4, rel=1e-4)
+    # the release's own arithmetic: Dice with weights on all four rows, three of them weight 0
+    rows = torch.cat([logits.detach().sigmoid().reshape(1, 1), torch.full((3, 1), 0.9)])
+    weights = torch.tensor([[1.0], [0.0], [0.0], [0.0]])
+    x, t = rows * weights, torch.ones(4, 1) * weights
+    release = (1 - 2 * (x * t).sum(1) / ((x ** 2).sum(1) + (t ** 2).sum(1) + 1e-5)).mean()
+    assert float(released) - focal == pytest.approx(float(release), rel=1e-4)
+    assert float(paste_mask_loss(logits, target, valid, dice_over=1)) == pytest.approx(float(own), rel=1e-6)
+    with pytest.raises(ValueError, match="at least the number of pasted rows"):
+        paste_mask_loss(logits, target, valid, dice_over=0)

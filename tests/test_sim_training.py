@@ -263,3 +263,16 @@ def test_sim_step_with_stride4_mask_features_keeps_teacher_maps_on_the_mask_grid
     pred = run_teacher(state.teacher, pre.images_norm, assignment)
     assert pred.mask_feats.shape[-2:] == (16, 24)  # 64 x 96 input at stride 4
     assert pred.pos_probs.shape[1:] == (16, 24)
+
+
+def test_paste_dice_mean_reaches_the_paste_loss():
+    """``sim.paste_dice_mean: sampled`` (the release): the Dice of L_paste is averaged over every sampled
+    instance, the ones not pasted counting 1, so with unpasted rows in the batch the loss is higher."""
+    values = {}
+    for mode in ("pasted", "sampled"):
+        model, loss, state = _setup({"pseudo_start_frac": 0.0, "paste_prob": 1.0, "paste_dice_mean": mode})
+        state.copy_paste.bank.push(_bank_entry())
+        losses, targets = _step(model, loss, state, iteration=0)
+        assert all(t["pasted"].tolist() == [False, False, True] for t in targets)
+        values[mode] = losses["loss_paste"].item()
+    assert 0 < values["pasted"] < values["sampled"] <= values["pasted"] + 1

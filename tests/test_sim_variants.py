@@ -62,6 +62,9 @@ def test_contradictions_and_bad_values_are_input_errors():
         resolve_sim_settings({"alhpa": 0.5})
     with pytest.raises(InputError, match="variant"):
         resolve_sim_settings({"variant": "official"})
+    assert resolve_sim_settings({"variant": "released_code", "paste_dice_mean": "sampled"}).paste_dice_mean == "sampled"
+    with pytest.raises(InputError, match="paste_dice_mean"):
+        resolve_sim_settings({"paste_dice_mean": "all"})
     with pytest.raises(InputError, match="alpha"):
         resolve_sim_settings({"alpha": 1.5})
     with pytest.raises(InputError, match="num_prototypes"):

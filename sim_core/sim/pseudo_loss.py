@@ -82,10 +82,23 @@ def pseudo_mask_loss(logits: Tensor, targets: Tensor, weights: Tensor, kind: str
     raise ValueError(f"unknown pseudo loss kind '{kind}' (choose bce_dice or focal)")
 
 
-def paste_mask_loss(logits: Tensor, targets: Tensor, valid: Tensor, focal_on_probabilities: bool = False) -> Tensor:
-    """Unweighted ``L_paste`` = focal + Dice against the pasted pseudo masks (padding ignored)."""
-    return (weighted_focal(logits, targets, valid, on_probabilities=focal_on_probabilities)
-            + weighted_dice(logits, targets, valid))
+def paste_mask_loss(logits: Tensor, targets: Tensor, valid: Tensor, focal_on_probabilities: bool = False,
+                    dice_over: int | None = None) -> Tensor:
+    """Unweighted ``L_paste`` = focal + Dice against the pasted pseudo masks (padding ignored).
+
+    The Dice term is the mean over the pasted instances (the rows given). ``dice_over`` = N (at least
+    the number of rows) reproduces the release (``sim.paste_dice_mean: sampled``): its Dice is the
+    mean over all N sampled instances, where each instance that was not pasted has weight 0 and so
+    Dice loss exactly 1 (``1 - 0 / (0 + 0 + eps)``), a constant without gradient. That mean is
+    ``(sum of the pasted rows' Dice + N - P) / N``: the pasted rows' gradient scaled by P / N.
+    """
+    dice = weighted_dice(logits, targets, valid)
+    if dice_over is not None:
+        rows = int(_flat(logits).shape[0])
+        if dice_over < rows:
+            raise ValueError(f"dice_over ({dice_over}) must be at least the number of pasted rows ({rows})")
+        dice = (dice * rows + (dice_over - rows)) / max(dice_over, 1)
+    return weighted_focal(logits, targets, valid, on_probabilities=focal_on_probabilities) + dice
 
 
 def pseudo_loss_weight(iteration: int, max_iter: int, lam: float, ramp: str = "step",

@@ -205,8 +205,9 @@ class SIMLoss(nn.Module):
         if s.copy_paste and inputs.gt_pasted is not None and bool(inputs.gt_pasted.any()):
             rows = inputs.gt_pasted
             paste_valid = valid_at_mask_stride(inputs.image_valid)[inputs.im_inds[rows]]
+            dice_over = int(rows.numel()) if s.paste_dice_mean == "sampled" else None  # every sampled instance
             loss_paste = s.lambda_paste * paste_mask_loss(logits[rows], inputs.gt_bitmasks[rows], paste_valid,
-                                                          s.focal_on_probabilities)
+                                                          s.focal_on_probabilities, dice_over)
         losses["loss_paste"] = loss_paste
 
         record = self.make_record(inputs, a, prototypes, M_I, has_pos, gt_box_masks, valid)

@@ -48,6 +48,7 @@ PAPER: dict[str, Any] = {
     "lambda_paste": 1.0,
     "pseudo_loss_kind": "bce_dice",  # bce_dice | focal
     "focal_on_probabilities": False,  # the released focal's second sigmoid (L_pseudo focal, L_paste); docs/sim.md
+    "paste_dice_mean": "pasted",  # L_paste's Dice averaged over: pasted instances | sampled (release); docs/sim.md
     "pseudo_ramp": "step",  # step: on after pseudo_start_frac | linear: gated, then ramped (released code)
     "pseudo_start_frac": 10000 / 90000,
     "pseudo_ramp_span": 1.0,  # linear ramp: full weight at pseudo_ramp_span * max_iter
@@ -103,6 +104,7 @@ _CHOICES = {
     "tau_high_mode": ("fixed", "adaptive"),
     "pseudo_loss_kind": ("bce_dice", "focal"),
     "pseudo_ramp": ("step", "linear"),
+    "paste_dice_mean": ("pasted", "sampled"),
 }
 _UNIT_INTERVAL = ("alpha", "tau_high", "tau_high_max", "tau_low", "confident_thresh", "ema_momentum",
                   "proto_momentum", "paste_prob", "pseudo_start_frac", "outside_box_weight")
@@ -132,6 +134,7 @@ class SIMSettings:
     lambda_paste: float
     pseudo_loss_kind: str
     focal_on_probabilities: bool
+    paste_dice_mean: str
     pseudo_ramp: str
     pseudo_start_frac: float
     pseudo_ramp_span: float
