@@ -480,7 +480,6 @@ def pooled_seed_rows(report: "_Report", rows: list[dict], gt, setting: Setting) 
                                                     c["bootstrap_confidence"])
                 item = result["intervals"][0]
                 pooled["interval"] = {"diff": item["diff"], **item["two_level"]}
-                pooled["image_interval"] = {"diff": item["diff"], **item["image"]}
                 pooled["resamples"] = result["resamples"]
                 report.boot_json.append({"setting": dataclasses.asdict(setting), "table": "original_code_seeds",
                                          "a": [r.name for r in pooled["originals"]],

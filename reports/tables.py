@@ -519,10 +519,22 @@ def supervision_quality_table(final: Sequence[tuple[str, int | None, dict[str, f
 
 
 # ------------------------------------------------------------------- original code
+def _code_edits(pair: dict) -> list[str]:
+    """The fixes and ablations applied to the original code of ``pair``, as its row names them."""
+    return ([f"fix {', '.join(pair['fixes'])}"] if pair.get("fixes") else []) + list(pair.get("ablations") or [])
+
+
+def _delta_with_interval(interval: dict) -> str:
+    """``ΔAP [low, high]`` in points, the interval bold where it excludes 0."""
+    text = _interval_text(interval)
+    excludes_zero = interval["low"] > 0 or interval["high"] < 0
+    return fmt_delta(interval["diff"] * 100) + " " + (rf"\textbf{{{text}}}" if excludes_zero else text)
+
+
 def _pooled_seed_cells(pair: dict, columns: Sequence[str]) -> list[list[str]]:
     """The two lines of a ``pooled`` pair: each side's seed mean ± std, then ΔAP with its two-level interval."""
     cells = []
-    edits = ([f"fix {', '.join(pair['fixes'])}"] if pair.get("fixes") else []) + list(pair.get("ablations") or [])
+    edits = _code_edits(pair)
     for runs, code in ((pair["reimplementations"], "simbench"), (pair["originals"], "original code")):
         row = Row(label_tex="", method="", runs=list(runs))
         code_label = ", ".join([code] + (edits if code == "original code" else []) + [f"mean of {len(runs)} seeds"])
@@ -530,9 +542,7 @@ def _pooled_seed_cells(pair: dict, columns: Sequence[str]) -> list[list[str]]:
         if code == "original code":
             interval = pair.get("interval")
             if interval is not None:
-                text = _interval_text(interval)
-                extra = fmt_delta(interval["diff"] * 100) + " " + (
-                    _bold(text) if interval["low"] > 0 or interval["high"] < 0 else text)
+                extra = _delta_with_interval(interval)
             else:
                 a, b = (Row("", "", list(r)).stat("segm", "AP") for r in (pair["originals"], pair["reimplementations"]))
                 extra = fmt_delta(a.mean - b.mean) if a is not None and b is not None else MISSING
@@ -563,7 +573,7 @@ def original_code_table(pairs: Sequence[dict], setting: Setting, label: str = "t
             continue
         reimpl, orig = pair.get("reimplementation"), pair["original"]
         method = latex_escape(pair.get("method_name") or orig.name)
-        edits = ([f"fix {', '.join(pair['fixes'])}"] if pair.get("fixes") else []) + list(pair.get("ablations") or [])
+        edits = _code_edits(pair)
         for run, code in ((reimpl, "simbench"), (orig, "original code")):
             code_label = ", ".join([code] + (edits if code == "original code" else []))
             if run is None:
@@ -576,9 +586,7 @@ def original_code_table(pairs: Sequence[dict], setting: Setting, label: str = "t
             if code == "original code":
                 interval = pair.get("interval")
                 if interval is not None and reimpl is not None:
-                    text = f"[${interval['low'] * 100:+.1f}$, ${interval['high'] * 100:+.1f}$]"
-                    excl = interval["low"] > 0 or interval["high"] < 0
-                    extra = fmt_delta(interval["diff"] * 100) + " " + (rf"\textbf{{{text}}}" if excl else text)
+                    extra = _delta_with_interval(interval)
                     resamples = pair.get("resamples", resamples)
                 elif reimpl is not None and metrics.get("AP") is not None:
                     ref = ((reimpl.metrics or {}).get("segm") or {}).get("AP")
