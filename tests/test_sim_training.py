@@ -62,10 +62,11 @@ def _batch(seed: int, n_images: int = 2):
 
 def _setup(extra: dict | None = None, model_cfg: dict | None = None):
     torch.manual_seed(0)
-    model = CondInst(3, {**DEMO_MODEL_CFG, **(model_cfg or {})})
+    model_cfg = {**DEMO_MODEL_CFG, **(model_cfg or {})}
+    model = CondInst(3, model_cfg)
     cfg = {"boxinst": {}, "mask_feat_channels": DEMO_MODEL_CFG["mask_out_channels"], **(extra or {})}
     loss = build_mask_loss("sim", cfg)
-    state = SIMTrainingState(model, loss, cfg, num_classes=3, seed=0)
+    state = SIMTrainingState(model, loss, cfg, num_classes=3, seed=0, build_model=lambda: CondInst(3, model_cfg))
     return model, loss, state
 
 
@@ -234,6 +235,38 @@ def test_state_checkpoint_restores_teacher_prototypes_and_bank():
     a = state.before_step(images, targets, 0)
     b = fresh.before_step(images, targets, 0)
     assert all(torch.equal(x["boxes"], y["boxes"]) for x, y in zip(a[1], b[1]))  # same random decisions
+
+
+def test_ema_teacher_can_start_from_other_weights_of_the_same_structure():
+    torch.manual_seed(0)
+    student, start = _Tiny(), _Tiny()
+    teacher = EMATeacher(student, momentum=0.9, start_from=start)
+    assert torch.equal(teacher.model.lin.weight, start.lin.weight)
+    assert teacher.model is not start  # a copy: training the start model later cannot move the teacher
+    teacher.update(student)
+    assert torch.allclose(teacher.model.lin.weight, 0.9 * start.lin.weight + 0.1 * student.lin.weight)
+    with pytest.raises(ValueError, match="differ in structure"):
+        EMATeacher(student, start_from=nn.Linear(2, 2))
+
+
+def test_independent_teacher_is_its_own_deterministic_draw_and_leaves_the_run_alone():
+    """``sim.teacher_init: independent`` (the release's separately built teacher): the teacher starts
+    from weights of its own; the student and every later random draw are those of the mean-teacher run."""
+    runs = {}
+    for init in ("student", "independent", "independent"):
+        model, _, state = _setup({"teacher_init": init})
+        runs.setdefault(init, []).append((model, state, torch.rand(3)))
+    (mean_student, mean_state, mean_next), = runs["student"]
+    (student_a, state_a, next_a), (_, state_b, _) = runs["independent"]
+    assert float(mean_state.teacher.parameter_distance(mean_student)) == 0.0
+    assert float(state_a.teacher.parameter_distance(student_a)) > 0.1
+    assert all(torch.equal(a, b) for a, b in zip(student_a.state_dict().values(), mean_student.state_dict().values()))
+    assert torch.equal(next_a, mean_next)  # the global generator did not move
+    assert all(torch.equal(a, b) for a, b in zip(state_a.teacher.state_dict().values(),
+                                                 state_b.teacher.state_dict().values()))
+    cfg = {"boxinst": {}, "mask_feat_channels": DEMO_MODEL_CFG["mask_out_channels"], "teacher_init": "independent"}
+    with pytest.raises(ValueError, match="build_model"):
+        SIMTrainingState(student_a, None, cfg, num_classes=3)
 
 
 def test_batch_without_objects_keeps_every_term_finite_and_zero():

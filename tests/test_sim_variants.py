@@ -65,6 +65,10 @@ def test_contradictions_and_bad_values_are_input_errors():
     assert resolve_sim_settings({"variant": "released_code", "paste_dice_mean": "sampled"}).paste_dice_mean == "sampled"
     with pytest.raises(InputError, match="paste_dice_mean"):
         resolve_sim_settings({"paste_dice_mean": "all"})
+    assert resolve_sim_settings({"variant": "released_code"}).teacher_init == "student"  # a free switch
+    assert resolve_sim_settings({"teacher_init": "independent"}).teacher_init == "independent"
+    with pytest.raises(InputError, match="teacher_init"):
+        resolve_sim_settings({"teacher_init": "random"})
     with pytest.raises(InputError, match="alpha"):
         resolve_sim_settings({"alpha": 1.5})
     with pytest.raises(InputError, match="num_prototypes"):

@@ -135,7 +135,8 @@ class Trainer:
             from sim_core.sim.trainer_hooks import SIMTrainingState
 
             self.sim_state = SIMTrainingState(self.model, self.mask_loss, method_config(params, "sim"),
-                                              num_classes=num_classes, seed=int(self.cfg["seed"]))
+                                              num_classes=num_classes, seed=int(self.cfg["seed"]),
+                                              build_model=lambda: CondInst(num_classes, params["model"]))
         if self.dist.enabled and self.device.type == "cuda" and bool(self.cfg.get("sync_bn", False)):
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.trainable = [p for m in (self.model, self.mask_loss) for p in m.parameters() if p.requires_grad]

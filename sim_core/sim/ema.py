@@ -8,7 +8,10 @@ student's own, which is what makes them usable as targets.
 
 Design choices (why):
 - The teacher is a deep copy of the student taken at construction, so the two
-  start identical, as in mean-teacher training.
+  start identical, as in mean-teacher training. ``start_from`` gives it other
+  initial weights instead: ``sim.teacher_init: independent`` passes a second
+  model from its own random draw (:func:`independent_draw`), which is what the
+  released code's separately built ``*_ema`` modules amount to (docs/sim.md).
 - Parameters are averaged; buffers (BatchNorm running statistics, counters)
   are copied from the student, because averaging integer counters is
   meaningless and running statistics are already averages.
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -71,15 +74,37 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(count)
 
 
-class EMATeacher(nn.Module):
-    """A frozen momentum copy of ``student``; call :meth:`update` after each optimiser step."""
+def independent_draw(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``build()`` under its own seed, leaving the global torch generator where it was.
 
-    def __init__(self, student: nn.Module, momentum: float = 0.9999):
+    The student, the data order and everything else drawn after the teacher is
+    built stay exactly as without it, so a run with an independent teacher
+    differs from its mean-teacher twin in the teacher's start only.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+class EMATeacher(nn.Module):
+    """A frozen momentum copy of ``student``; call :meth:`update` after each optimiser step.
+
+    ``start_from`` (a model of the student's structure) replaces the student as
+    the teacher's initial weights; the EMA then starts from those.
+    """
+
+    def __init__(self, student: nn.Module, momentum: float = 0.9999, start_from: nn.Module | None = None):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EMA momentum must lie in [0, 1], got {momentum}")
         self.momentum = float(momentum)
-        self.model = copy.deepcopy(unwrap(student))
+        if start_from is not None:
+            student_names = {name for name, _ in unwrap(student).named_parameters()}
+            start_names = {name for name, _ in unwrap(start_from).named_parameters()}
+            if student_names != start_names:
+                missing = sorted(student_names ^ start_names)[0]
+                raise ValueError(f"start_from and student differ in structure (parameter '{missing}')")
+        self.model = copy.deepcopy(unwrap(start_from if start_from is not None else student))
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.model.eval()

@@ -4,7 +4,8 @@ SIM is not only a loss: it owns an EMA teacher, a class-wise prototype bank and
 a copy-paste memory, all updated as training goes. ``SIMTrainingState``
 bundles them so the loop needs exactly this (``sim_core/engine/trainer.py``)::
 
-    state = SIMTrainingState(model, mask_loss, cfg, num_classes, seed)   # once, after model.to(device)
+    state = SIMTrainingState(model, mask_loss, cfg, num_classes, seed,   # once, after model.to(device)
+                             build_model=...)  # a fresh model: only for sim.teacher_init: independent
     for iteration ...:
         for each micro-batch:
             images, targets = state.before_step(images, targets, iteration)  # copy-paste
@@ -38,14 +39,14 @@ All state (teacher weights, prototypes, bank, the copy-paste generator) is in
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from sim_core.data.copy_paste import CopyPaste, make_bank_entry
 from sim_core.model.mask_head import aligned_bilinear
-from sim_core.sim.ema import EMATeacher
+from sim_core.sim.ema import EMATeacher, independent_draw
 from sim_core.sim.prototypes import PrototypeBank
 from sim_core.sim.sim_loss import SIMLoss, SIMStepRecord
 from sim_core.sim.variants import resolve_sim_settings
@@ -54,12 +55,20 @@ from sim_core.sim.variants import resolve_sim_settings
 class SIMTrainingState:
     """Teacher, prototypes and copy-paste bank of one SIM run (see the module docstring)."""
 
+    # Offset of the independent teacher's seed from the run seed (any fixed value: a draw of its own).
+    TEACHER_SEED_OFFSET = 7919
+
     def __init__(self, student: nn.Module, mask_loss: nn.Module | None, cfg: dict[str, Any], num_classes: int,
-                 seed: int = 0):
+                 seed: int = 0, build_model: Callable[[], nn.Module] | None = None):
         self.settings = resolve_sim_settings(cfg)
         s = self.settings
-        self.teacher = EMATeacher(student, s.ema_momentum)
         device = next(student.parameters()).device
+        start_from = None
+        if s.teacher_init == "independent":
+            if build_model is None:
+                raise ValueError("sim.teacher_init 'independent' needs build_model (a constructor of the student)")
+            start_from = independent_draw(build_model, seed + self.TEACHER_SEED_OFFSET).to(device)
+        self.teacher = EMATeacher(student, s.ema_momentum, start_from=start_from)
         dim = cfg.get("mask_feat_channels") or getattr(getattr(student, "mask_head", None), "in_channels", None)
         if not dim:
             raise ValueError("cannot tell the mask-feature width: give cfg['mask_feat_channels']")

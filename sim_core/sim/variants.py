@@ -53,6 +53,7 @@ PAPER: dict[str, Any] = {
     "pseudo_start_frac": 10000 / 90000,
     "pseudo_ramp_span": 1.0,  # linear ramp: full weight at pseudo_ramp_span * max_iter
     # momentum copies
+    "teacher_init": "student",  # student: a copy (mean teacher) | independent: own random draw (release); docs/sim.md
     "ema_momentum": 0.9999,
     "proto_momentum": 0.999,
     "sinkhorn_eps": 0.05,
@@ -105,6 +106,7 @@ _CHOICES = {
     "pseudo_loss_kind": ("bce_dice", "focal"),
     "pseudo_ramp": ("step", "linear"),
     "paste_dice_mean": ("pasted", "sampled"),
+    "teacher_init": ("student", "independent"),
 }
 _UNIT_INTERVAL = ("alpha", "tau_high", "tau_high_max", "tau_low", "confident_thresh", "ema_momentum",
                   "proto_momentum", "paste_prob", "pseudo_start_frac", "outside_box_weight")
@@ -138,6 +140,7 @@ class SIMSettings:
     pseudo_ramp: str
     pseudo_start_frac: float
     pseudo_ramp_span: float
+    teacher_init: str
     ema_momentum: float
     proto_momentum: float
     sinkhorn_eps: float
