@@ -601,6 +601,32 @@ FIXES: dict[str, tuple[str, list[Patch]]] = {
               "weights=paste_data[index]['score']**3 + 1e-6,", 1,
               "fix paste_zero_scores: copy-paste weights score**3 + 1e-6 (no crash when every score is 0)"),
     ]),
+    # The release's L_paste Dice (``dice_coefficient(mask_scores, gt_masks, weights)``) is a mean over every
+    # sampled instance, each one that was not pasted adding exactly 1 (weight 0: ``1 - 0 / eps``): the pasted
+    # instances' Dice gradient is scaled by their share. The fix takes the Dice of the pasted rows only (0 when
+    # none is sampled), the loss the paper describes and simbench's default ``sim.paste_dice_mean: pasted``.
+    "paste_dice_over_pasted": ("sim", [
+        Patch(_SIM_HEAD, r"\+ dice_coefficient\(mask_scores, gt_masks, weights\)",
+              "+ (dice_coefficient(mask_scores[weights.flatten(1).amax(1) > 0], gt_masks[weights.flatten(1).amax(1) > 0], "
+              "weights[weights.flatten(1).amax(1) > 0]) if bool((weights > 0).any()) else mask_scores.sum() * 0)", 1,
+              "fix paste_dice_over_pasted: L_paste's Dice averaged over the pasted instances only"),
+    ]),
+    # The release builds its teacher (``backbone_ema``, ``proposal_generator_ema``, ``mask_branch_ema``,
+    # ``controller_ema``) with an initialisation of its own and never copies the student into it, so the EMA
+    # starts from independent random weights. The fix copies each student module into its teacher module once
+    # built, as a mean teacher starts (simbench's default ``sim.teacher_init: student``). Weights a checkpoint
+    # loads later (``MODEL.WEIGHTS``) reach the teacher only as detectron2's name matching decides: the
+    # from-scratch profiles load none.
+    "teacher_from_student": ("sim", [
+        Patch("adet/modeling/condinst/condinst.py",
+              r"^(            for param in self\.proposal_generator_ema\.parameters\(\):\n"
+              r"                param\.requires_grad = False\n)",
+              r"\g<1>            for module, module_ema in ((self.backbone, self.backbone_ema), "
+              r"(self.proposal_generator, self.proposal_generator_ema), (self.mask_branch, self.mask_branch_ema), "
+              r"(self.controller, self.controller_ema)):\n"
+              r"                module_ema.load_state_dict(module.state_dict())\n", 1,
+              "fix teacher_from_student: the teacher modules start as copies of the student's"),
+    ]),
 }
 
 # Reviewed ablations of an upstream method (``ablations: [...]`` in an ``upstream_runs`` entry): a part of the

@@ -397,6 +397,29 @@ def test_sim_copy_paste_fix_and_prototype_ablation(fake_env, smoke_params):
         upstream.resolve_upstream_run(bad, "u")
 
 
+def test_sim_fixes_of_the_paste_dice_and_the_teacher_start(fake_env, smoke_params):
+    """`paste_dice_over_pasted`: L_paste's Dice over the pasted rows only (the release adds 1 per row not pasted:
+    one perfect pasted row beside one not pasted gives 0.5, fixed 0); `teacher_from_student`: the release's
+    teacher modules start as copies of the student's instead of a draw of their own."""
+    params = _params(smoke_params, fake_env, {
+        "plain": {"code": "sim", "set": {"model.backbone": "resnet50"}},
+        "aligned": {"code": "sim", "set": {"model.backbone": "resnet50"},
+                    "fixes": ["focal_on_logits", "paste_dice_over_pasted", "teacher_from_student"]}})
+    runs_dir = Path(params["train"]["runs_dir"])
+    record = {}
+    for name in ("plain", "aligned"):
+        upstream.run_upstream(params, name, echo=None)
+        record[name] = json.loads((runs_dir / name / "upstream/output/fake_record.json").read_text())["sim"]
+    assert record["plain"]["paste_dice"] == pytest.approx(0.5, abs=1e-5)
+    assert record["aligned"]["paste_dice"] == pytest.approx(0.0, abs=1e-5)
+    assert record["plain"]["teacher_equals_student"] is False
+    assert record["aligned"]["teacher_equals_student"] is True
+    run = json.loads((runs_dir / "aligned" / "run.json").read_text())["upstream"]
+    assert run["fixes"] == ["focal_on_logits", "paste_dice_over_pasted", "teacher_from_student"]
+    assert {why.split(":")[0] for why in run["patch"] if why.startswith("fix ")} == {
+        "fix focal_on_logits", "fix paste_dice_over_pasted", "fix teacher_from_student"}
+
+
 def test_failed_upstream_run_is_one_line_with_the_log_tail(fake_env, smoke_params, monkeypatch):
     monkeypatch.setenv("FAKE_UPSTREAM_FAIL", "1")
     params = _params(smoke_params, fake_env, {"u": {"code": "adelaidet", "set": {"model.backbone": "resnet50"}}})
