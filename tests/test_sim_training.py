@@ -269,6 +269,36 @@ def test_independent_teacher_is_its_own_deterministic_draw_and_leaves_the_run_al
         SIMTrainingState(student_a, None, cfg, num_classes=3)
 
 
+def test_teacher_head_input_reaches_the_teacher_pass(monkeypatch):
+    """``sim.teacher_head_input: student`` hands the student's own FPN levels (this forward's) to the teacher
+    pass; the default hands none."""
+    import sim_core.sim.sim_loss as sim_loss_module
+
+    seen = []
+    real = sim_loss_module.run_teacher
+
+    def spy(teacher, images_norm, assignment, head_levels=None):
+        seen.append(head_levels)
+        return real(teacher, images_norm, assignment, head_levels=head_levels)
+
+    monkeypatch.setattr(sim_loss_module, "run_teacher", spy)
+    levels = []
+    for mode in ("teacher", "student"):
+        model, loss, state = _setup({"teacher_head_input": mode})
+        original_forward = model.forward
+
+        def forward(images_norm, _f=original_forward):
+            out = _f(images_norm)
+            levels.append(out.pyramid)
+            return out
+
+        model.forward = forward
+        losses, _ = _step(model, loss, state, iteration=5)
+        assert all(math.isfinite(float(v)) for v in losses.values())
+    assert seen[0] is None
+    assert seen[1] is levels[-1] and len(seen[1]) == len(model.fpn_strides)
+
+
 def test_batch_without_objects_keeps_every_term_finite_and_zero():
     model, loss, state = _setup({"pseudo_start_frac": 0.0, "paste_prob": 1.0})
     images = [torch.zeros(3, 64, 96, dtype=torch.uint8)] * 2

@@ -69,6 +69,9 @@ def test_contradictions_and_bad_values_are_input_errors():
     assert resolve_sim_settings({"teacher_init": "independent"}).teacher_init == "independent"
     with pytest.raises(InputError, match="teacher_init"):
         resolve_sim_settings({"teacher_init": "random"})
+    assert resolve_sim_settings({"variant": "released_code"}).teacher_head_input == "teacher"  # a free switch
+    with pytest.raises(InputError, match="teacher_head_input"):
+        resolve_sim_settings({"teacher_head_input": "ema"})
     with pytest.raises(InputError, match="alpha"):
         resolve_sim_settings({"alpha": 1.5})
     with pytest.raises(InputError, match="num_prototypes"):

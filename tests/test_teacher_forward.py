@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sim_core.model.condinst import DEMO_MODEL_CFG, CondInst
+from sim_core.model.condinst import DEMO_MODEL_CFG, CondInst, flatten_levels
 from sim_core.sim.ema import EMATeacher, batch_statistics
 from sim_core.sim.teacher import TeacherPredictions, run_teacher, teacher_forward, teacher_network
 
@@ -104,3 +104,23 @@ def test_student_training_mode_is_restored():
     model.train()
     run_teacher(model, images_norm, assignment)
     assert model.training
+
+
+def test_teacher_head_on_the_students_levels():
+    """``sim.teacher_head_input: student`` (the release): the teacher's FCOS head and controllers read the
+    student's FPN levels; its mask branch keeps reading the teacher's own features."""
+    model, teacher, images_norm, assignment = setup()
+    net = teacher.model
+    with torch.no_grad():
+        student_levels = model(images_norm).pyramid
+        own = teacher_forward(net, images_norm)
+        mixed = teacher_forward(net, images_norm, head_levels=student_levels)
+        box, ctl = net.head.box_outputs(student_levels)
+    assert torch.equal(mixed.box_reg, flatten_levels(box)) and torch.equal(mixed.controllers, flatten_levels(ctl))
+    assert not torch.equal(mixed.controllers, own.controllers)
+    assert torch.equal(mixed.mask_feats, own.mask_feats)
+    assert torch.equal(mixed.locations, own.locations)
+    pred = run_teacher(teacher, images_norm, assignment, head_levels=student_levels)
+    assert not torch.equal(pred.pos_probs, run_teacher(teacher, images_norm, assignment).pos_probs)
+    with pytest.raises(ValueError, match="shapes"):
+        teacher_forward(net, images_norm, head_levels=student_levels[:-1])

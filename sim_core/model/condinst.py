@@ -117,6 +117,7 @@ class DetectorOutputs:
     levels: Tensor  # [N] level index, 0 = first FPN level
     mask_feats: Tensor  # [B, Cm, H/s, W/s], s = model.mask_feat_stride
     num_per_level: list[int] = field(default_factory=list)
+    pyramid: list[Tensor] = field(default_factory=list)  # the FCOS head's input levels [B, C, h, w]
 
 
 def flatten_levels(maps: list[Tensor]) -> Tensor:
@@ -195,7 +196,7 @@ class CondInst(nn.Module):
         return DetectorOutputs(
             cls_logits=flatten_levels(cls), box_reg=flatten_levels(box), centerness=flatten_levels(ctr)[..., 0],
             controllers=flatten_levels(ctl), locations=locations, strides=strides,
-            levels=levels, mask_feats=mask_feats, num_per_level=counts)
+            levels=levels, mask_feats=mask_feats, num_per_level=counts, pyramid=pyramid)
 
     def pyramid(self, images_norm: Tensor) -> tuple[dict[str, Tensor], list[Tensor]]:
         """Backbone features and the neck's levels (checked against ``fpn_strides``)."""

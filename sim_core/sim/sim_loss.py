@@ -165,7 +165,8 @@ class SIMLoss(nn.Module):
             raise ValueError(f"prototypes have {prototypes.dim} dims but the mask features "
                              f"{inputs.mask_feats.shape[1]} channels (model.mask_out_channels)")
         a = inputs.extras["assignment"]
-        pred = run_teacher(teacher, inputs.images_norm, a)
+        head_levels = inputs.extras["outputs"].pyramid if s.teacher_head_input == "student" else None
+        pred = run_teacher(teacher, inputs.images_norm, a, head_levels=head_levels)
         if inputs.num_instances:
             losses = self.boxinst_terms(inputs, pred.mask_feats)
         else:

@@ -51,17 +51,25 @@ class TeacherOutputs:
     mask_feats: Tensor  # [B, Cm, H/s, W/s]
 
 
-def teacher_forward(net: nn.Module, images_norm: Tensor) -> TeacherOutputs:
+def teacher_forward(net: nn.Module, images_norm: Tensor, head_levels: list[Tensor] | None = None) -> TeacherOutputs:
     """``net(images_norm)`` without the outputs :func:`run_teacher` never reads.
 
     Backbone, neck, mask branch and the FCOS head's box tower with its box
     regression and controller run exactly as in ``CondInst.forward``; the
     classification tower, class logits and centerness (used by the student's
     detection loss, its instance sampling and inference, never by the
-    teacher's pseudo labels) are skipped.
+    teacher's pseudo labels) are skipped. ``head_levels`` (the student's FPN
+    levels, ``sim.teacher_head_input: student``) replace the teacher's own
+    levels as the input of its FCOS head, as in the released code; its mask
+    branch still reads the teacher's own features.
     """
     feats, pyramid = net.pyramid(images_norm)
-    box, ctl = net.head.box_outputs(pyramid)
+    head_input = pyramid
+    if head_levels is not None:
+        if [tuple(x.shape) for x in head_levels] != [tuple(x.shape) for x in pyramid]:
+            raise ValueError("head_levels must have the shapes of the teacher's own FPN levels")
+        head_input = [x.detach() for x in head_levels]
+    box, ctl = net.head.box_outputs(head_input)
     mask_feats = net.mask_features(feats, pyramid)
     locations, strides, _, _ = net.level_locations(pyramid)
     return TeacherOutputs(box_reg=flatten_levels(box), controllers=flatten_levels(ctl), locations=locations,
@@ -69,20 +77,22 @@ def teacher_forward(net: nn.Module, images_norm: Tensor) -> TeacherOutputs:
 
 
 @torch.no_grad()
-def run_teacher(teacher: nn.Module, images_norm: Tensor, assignment, chunk: int = 256) -> TeacherPredictions:
+def run_teacher(teacher: nn.Module, images_norm: Tensor, assignment, chunk: int = 256,
+                head_levels: list[Tensor] | None = None) -> TeacherPredictions:
     """Teacher forward on ``images_norm`` and its masks/boxes at every positive of ``assignment``.
 
     ``assignment`` is the student's ``FCOSAssignment`` (``pos_im_inds``,
     ``pos_loc_inds``, ``pos_gt_inds``, ``gt_boxes``). Masks are computed in
     chunks of ``chunk`` positives to bound memory. The network runs through
-    :func:`teacher_forward` (no classification tower: nothing here reads it).
+    :func:`teacher_forward` (no classification tower: nothing here reads it);
+    ``head_levels``: see there.
     """
     net = teacher_network(teacher)
     was_training = net.training
     net.eval()
     try:
         with batch_statistics(net):  # as the released code's teacher (sim_core.sim.ema)
-            out = teacher_forward(net, images_norm)
+            out = teacher_forward(net, images_norm, head_levels)
         im, loc = assignment.pos_im_inds, assignment.pos_loc_inds
         probs = []
         for start in range(0, int(loc.numel()), chunk):

@@ -54,6 +54,7 @@ PAPER: dict[str, Any] = {
     "pseudo_ramp_span": 1.0,  # linear ramp: full weight at pseudo_ramp_span * max_iter
     # momentum copies
     "teacher_init": "student",  # student: a copy (mean teacher) | independent: own random draw (release); docs/sim.md
+    "teacher_head_input": "teacher",  # FPN levels the teacher's FCOS head reads: its own | student (release); docs/sim.md
     "ema_momentum": 0.9999,
     "proto_momentum": 0.999,
     "sinkhorn_eps": 0.05,
@@ -107,6 +108,7 @@ _CHOICES = {
     "pseudo_ramp": ("step", "linear"),
     "paste_dice_mean": ("pasted", "sampled"),
     "teacher_init": ("student", "independent"),
+    "teacher_head_input": ("teacher", "student"),
 }
 _UNIT_INTERVAL = ("alpha", "tau_high", "tau_high_max", "tau_low", "confident_thresh", "ema_momentum",
                   "proto_momentum", "paste_prob", "pseudo_start_frac", "outside_box_weight")
@@ -141,6 +143,7 @@ class SIMSettings:
     pseudo_start_frac: float
     pseudo_ramp_span: float
     teacher_init: str
+    teacher_head_input: str
     ema_momentum: float
     proto_momentum: float
     sinkhorn_eps: float
