@@ -607,8 +607,8 @@ FIXES: dict[str, tuple[str, list[Patch]]] = {
     # none is sampled), the loss the paper describes and simbench's default ``sim.paste_dice_mean: pasted``.
     "paste_dice_over_pasted": ("sim", [
         Patch(_SIM_HEAD, r"\+ dice_coefficient\(mask_scores, gt_masks, weights\)",
-              "+ (dice_coefficient(mask_scores[weights.flatten(1).amax(1) > 0], gt_masks[weights.flatten(1).amax(1) > 0], "
-              "weights[weights.flatten(1).amax(1) > 0]) if bool((weights > 0).any()) else mask_scores.sum() * 0)", 1,
+              "+ (dice_coefficient(mask_scores[pasted], gt_masks[pasted], weights[pasted]) "
+              "if bool((pasted := weights.flatten(1).amax(1) > 0).any()) else mask_scores.sum() * 0)", 1,
               "fix paste_dice_over_pasted: L_paste's Dice averaged over the pasted instances only"),
     ]),
     # The release builds its teacher (``backbone_ema``, ``proposal_generator_ema``, ``mask_branch_ema``,
