@@ -806,14 +806,39 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " | ".join(line.strip() for line in text[-lines:])
 
 
-def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: TextIO | None = sys.stderr,
-                 check: Callable[..., dict] = check_environment) -> dict:
-    """Train and test the upstream code for ``upstream_runs.<name>``; write ``runs/<name>/*``. Returns metrics.json."""
-    from baselines.external import import_results
+@dataclass
+class PreparedCheckout:
+    """What :func:`prepare_checkout` sets up for one ``upstream_runs`` entry (see its docstring)."""
+
+    entry: dict
+    resolved: dict
+    code: str
+    env_info: dict
+    python: str
+    root: Path  # the user's built checkout
+    code_root: Path  # the checkout the run uses: ``root`` or the patched private copy
+    work: Path  # runs/<name>/upstream
+    opts: list[str]
+    differences: list[str]
+    patches: list[Patch]
+    patch_text: str
+    fixes: list[str]
+    ablations: list[str]
+    config: str
+    config_path: Path
+    train_json: Path
+    val_json: Path
+    images: Path
+    num_classes: int
+
+
+def prepare_checkout(params: dict, name: str, runs_dir: Path | None = None,
+                     check: Callable[..., dict] = check_environment) -> PreparedCheckout:
+    """Steps 1-3 of the module docstring for ``upstream_runs.<name>``: check the environment, translate the
+    settings, make and patch the private copy (in ``runs/<name>/upstream/code``). Shared by a training run and
+    the same-weights cross-check (``baselines/crosscheck.py``)."""
     from sim_core.data.validate import load_gt
-    from sim_core.engine.run_info import git_commit
-    from sim_core.evaluation.coco_eval import evaluate_coco
-    from sim_core.io_utils import atomic_write_json, atomic_write_text
+    from sim_core.io_utils import atomic_write_text
 
     entry, resolved = resolve_upstream_run(params, name)
     code = entry["code"]
@@ -852,13 +877,35 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
         patch_text = apply_patches(code_root, patches)
         atomic_write_text(work / "patch.diff", patch_text)
 
-    output_dir = (work / "output").resolve()
-    if (output_dir / RESULTS_FILE).exists():
-        (output_dir / RESULTS_FILE).unlink()  # never import a previous run's results
     config = str(entry.get("config") or (section.get(code) or {}).get("config") or CODES[code]["config"])
     config_path = (code_root / config) if not Path(config).is_absolute() else Path(config)
     if not config_path.is_file():
         raise InputError(f"upstream.{code}.config", f"{quote(str(config_path))} not found in the checkout")
+    return PreparedCheckout(entry=entry, resolved=resolved, code=code, env_info=env_info, python=python, root=root,
+                            code_root=code_root, work=work, opts=opts, differences=differences, patches=patches,
+                            patch_text=patch_text, fixes=fixes, ablations=ablations, config=config,
+                            config_path=config_path, train_json=train_json,
+                            val_json=val_json, images=images, num_classes=num_classes)
+
+
+def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: TextIO | None = sys.stderr,
+                 check: Callable[..., dict] = check_environment) -> dict:
+    """Train and test the upstream code for ``upstream_runs.<name>``; write ``runs/<name>/*``. Returns metrics.json."""
+    from baselines.external import import_results
+    from sim_core.engine.run_info import git_commit
+    from sim_core.evaluation.coco_eval import evaluate_coco
+    from sim_core.io_utils import atomic_write_json, atomic_write_text
+
+    prepared = prepare_checkout(params, name, runs_dir, check)
+    entry, resolved, code, work = prepared.entry, prepared.resolved, prepared.code, prepared.work
+    python, root, code_root, env_info = prepared.python, prepared.root, prepared.code_root, prepared.env_info
+    opts, differences, patches, patch_text = prepared.opts, prepared.differences, prepared.patches, prepared.patch_text
+    config, config_path, run_dir = prepared.config, prepared.config_path, work.parent
+    fixes, ablations = prepared.fixes, prepared.ablations
+    train_json, val_json, images = prepared.train_json, prepared.val_json, prepared.images
+    output_dir = (work / "output").resolve()
+    if (output_dir / RESULTS_FILE).exists():
+        (output_dir / RESULTS_FILE).unlink()  # never import a previous run's results
     device = str(resolved["train"].get("device", "auto"))
     processes = int(resolved["train"].get("processes", 1) or 1)
     argv = ["--config-file", str(config_path), "--num-gpus", str(processes if device != "cpu" else 1),
