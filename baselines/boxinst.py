@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "pairwise_warmup_frac": 10000 / 90000,
     "ignore_bottom_px": 10,
     "pairwise_warmup_iters": None,  # a fixed ramp length in iterations; None: pairwise_warmup_frac * max_iter
+    "lab_from_uint8": False,  # AdelaiDet truncates the pooled RGB to uint8 before LAB (baselines/lab.py)
 }
 
 
@@ -281,7 +282,7 @@ class BoxInstLoss(nn.Module):
             return batch_color_similarity(
                 inputs.images_raw, inputs.image_valid, inputs.mask_stride,
                 self.cfg["pairwise_kernel"], self.cfg["pairwise_dilation"],
-                self.cfg["ignore_bottom_px"])
+                self.cfg["ignore_bottom_px"], truncate_to_uint8=bool(self.cfg["lab_from_uint8"]))
 
     def projection_term(self, inputs: MaskLossInputs) -> Tensor:
         """Weighted mean projection loss over the instances (float32)."""

@@ -23,7 +23,9 @@ Conventions (those of the BoxInst reference implementation, AdelaiDet):
 
 Differences from the reference, both deliberate: LAB is computed in float
 from the pooled RGB (the reference truncates the pooled values to uint8
-before converting), and ``ignore_bottom_px`` counts input pixels after the
+before converting; ``boxinst.lab_from_uint8: true`` does the same, and with
+it simbench's colour similarity equals AdelaiDet's: ``simbench upstream
+crosscheck``, docs/upstream.md 0.10), and ``ignore_bottom_px`` counts input pixels after the
 resize (the reference rescales 10 original-image pixels by the resize factor;
 ``MaskLossInputs`` does not carry the original image size).
 """
@@ -71,11 +73,14 @@ def unfold_neighbours(x: Tensor, kernel: int = 3, dilation: int = 2) -> Tensor:
                         for dy, dx in offsets], dim=2)
 
 
-def images_to_lab(images_raw: Tensor, stride: int) -> Tensor:
-    """``[B, 3, H, W]`` RGB in ``[0, 255]`` -> ``[B, 3, H/s, W/s]`` CIE-LAB of the s x s means."""
+def images_to_lab(images_raw: Tensor, stride: int, truncate_to_uint8: bool = False) -> Tensor:
+    """``[B, 3, H, W]`` RGB in ``[0, 255]`` -> ``[B, 3, H/s, W/s]`` CIE-LAB of the s x s means
+    (truncated to whole values first with ``truncate_to_uint8``, as AdelaiDet's ``.byte()``)."""
     if images_raw.dim() != 4 or images_raw.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W], got {tuple(images_raw.shape)}")
     pooled = F.avg_pool2d(images_raw.float(), kernel_size=stride, stride=stride)
+    if truncate_to_uint8:
+        pooled = pooled.clamp(0.0, 255.0).floor()
     return rgb_to_lab((pooled / 255.0).clamp(0.0, 1.0))
 
 
@@ -120,8 +125,9 @@ def color_similarity(images_lab: Tensor, image_valid: Tensor, kernel: int = 3,
 
 
 def batch_color_similarity(images_raw: Tensor, image_valid: Tensor, stride: int,
-                           kernel: int = 3, dilation: int = 2, ignore_bottom_px: int = 0) -> Tensor:
+                           kernel: int = 3, dilation: int = 2, ignore_bottom_px: int = 0,
+                           truncate_to_uint8: bool = False) -> Tensor:
     """From the detector's raw images to ``[B, K, H/s, W/s]`` colour similarities."""
-    lab = images_to_lab(images_raw, stride)
+    lab = images_to_lab(images_raw, stride, truncate_to_uint8)
     valid = valid_at_mask_stride(image_valid, stride, ignore_bottom_px).to(lab.dtype)
     return color_similarity(lab, valid, kernel, dilation)

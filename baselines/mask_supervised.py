@@ -46,6 +46,9 @@ class MaskSupervisedLoss(_DiceToTargets):
     """CondInst's Dice loss against GT instance masks (needs ``masks`` in the targets)."""
 
     method = "mask"
+    # CondInst's detector then centre-samples around the mask's centre of mass when
+    # model.center_sampling_center is "mass" (sim_core/model/condinst.py CondInst.assign)
+    supervises_with_masks = True
 
     def targets(self, inputs: MaskLossInputs) -> Tensor:
         has_mask = inputs.extras.get("gt_has_mask")

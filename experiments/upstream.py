@@ -7,6 +7,9 @@
         only check the environment (checkout, detectron2, compiled ops)
     simbench upstream setup --code adelaidet|sim --root CLONE [--out DIR] [--python PY] [--no-build]
         copy a fresh clone to DIR, apply the current-torch C++ fixes and build its ops in place
+    simbench upstream crosscheck --run NAME [--images N] [--iteration I] [--params ...]
+        same weights, same batch: simbench's BoxInst against the original's loss by loss and gradient by
+        gradient (baselines/crosscheck.py); writes runs/NAME/crosscheck/crosscheck.json
 
 The logic is in ``baselines/upstream.py``; the steps by hand are in docs/upstream.md.
 """
@@ -21,8 +24,9 @@ from experiments.common import add_params_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", nargs="?", default="run", choices=["run", "check", "setup"],
-                        help="run (default): an upstream_runs entry; check: the environment; setup: build a clone")
+    parser.add_argument("action", nargs="?", default="run", choices=["run", "check", "setup", "crosscheck"],
+                        help="run (default): an upstream_runs entry; check: the environment; setup: build a clone; "
+                             "crosscheck: compare one forward/backward with simbench's on the same weights")
     parser.add_argument("--run", default=None, help="name of an upstream_runs entry in params")
     parser.add_argument("--runs-dir", default=None, help="runs directory (default: train.runs_dir)")
     parser.add_argument("--code", default=None, choices=["adelaidet", "sim"], help="check/setup: which code base")
@@ -32,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--python", default=None, help="setup: interpreter to build with; check: the interpreter "
                                                        "to check (default: upstream.python)")
     parser.add_argument("--no-build", action="store_true", help="setup: apply the fixes only")
+    parser.add_argument("--images", type=int, default=4, help="crosscheck: training images in the batch")
+    parser.add_argument("--iteration", type=int, default=None,
+                        help="crosscheck: the training step the losses are taken at (default: half the schedule)")
     parser.add_argument("--quiet", action="store_true", help="do not echo the upstream log (it is still written)")
     add_params_arguments(parser)
 
@@ -77,6 +84,14 @@ def main(args: argparse.Namespace) -> int:
                                          "upstream.adelaidet.root: DIR and add upstream_runs: {NAME: {code: "
                                          "adelaidet}} to params, then simbench upstream --run NAME (docs/upstream.md)")
         raise InputError("upstream", f"give --run NAME; upstream_runs declared: {', '.join(map(str, declared))}")
+    if args.action == "crosscheck":
+        from baselines import crosscheck
+
+        report = crosscheck.run_crosscheck(params, args.run, Path(args.runs_dir) if args.runs_dir else None,
+                                           num_images=args.images, iteration=args.iteration,
+                                           echo=None if args.quiet else sys.stderr)
+        print(crosscheck.format_report(report))
+        return 0 if report["losses_agree"] and report["gradients_agree"] else 1
     record = upstream.run_upstream(params, args.run, Path(args.runs_dir) if args.runs_dir else None,
                                    echo=None if args.quiet else sys.stderr)
     for iou_type in ("segm", "bbox"):

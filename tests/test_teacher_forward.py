@@ -63,7 +63,7 @@ def test_teacher_forward_fields_equal_the_full_forward(feat_stride, stride4_inpu
            "fpn_channels": 16, "gn_groups": 8}
     _, teacher, images_norm, _ = setup(cfg=cfg)
     net = teacher.model
-    assert net.mask_branch.out_stride == feat_stride and net.mask_branch.detail_is_p2 == (stride4_input == "p2")
+    assert net.mask_branch.out_stride == feat_stride and net.mask_branch.fuse_at_stride4 == (stride4_input == "p2")
     with torch.no_grad():
         full = net(images_norm)
         part = teacher_forward(net, images_norm)

@@ -27,12 +27,19 @@ prior_prob                0.01                0.01            initial foreground
 box_activation            relu                relu            relu (normalised targets) | exp (original FCOS)
 sizes_of_interest         [64, 128, 256, 512] [32, 64]        FCOS level size ranges (len = levels - 1)
 center_sampling_radius    1.5                 1.5             FCOS centre sampling radius in strides (0 = off)
+center_sampling_center    box                 box             box (box centre) | mass (AdelaiDet: centre of mass of
+                                                              the GT mask, or of the box filled at whole pixels
+                                                              for box-supervised methods; sim_core/model/fcos.py)
+iou_smoothing             0.0                 0.0             GIoU's IoU as (I + a s^2)/(U + a s^2); AdelaiDet 1.0
 mask_branch_channels      128                 64              width of the mask branch
 mask_branch_convs         4                   1               3x3 convs after the P3-P5 fusion
 mask_branch_norm          BN                  GN              BN | GN | none in the mask branch
 mask_feat_stride          8                   4               stride of the mask features (4 adds C2; docs/demo_scale.md)
 mask_stride4_input        c2                  c2              at stride 4: c2 (C2 through a conv, simbench) | p2 (FPN P2,
                                                               AdelaiDet's MASK_BRANCH.IN_FEATURES p2-p5)
+mask_fusion_stride        8                   8               with c2 at stride 4: where refined P3-P5 are summed:
+                                                              8 (then x2, simbench) | 4 (each level straight to
+                                                              stride 4, AdelaiDet's branch; p2 always does this)
 mask_out_channels         16                  8               mask feature channels (CondInst 8; BoxInst/SIM 16)
 dyn_channels              8                   8               width of the dynamic mask head
 dyn_layers                3                   3               layers of the dynamic mask head
@@ -62,7 +69,7 @@ from torch import Tensor, nn
 from sim_core.errors import InputError
 from sim_core.model.backbone import build_backbone
 from sim_core.model.fcos import (FCOSAssignment, FCOSHead, assign_targets, compute_locations, decode_boxes,
-                                 detection_losses)
+                                 detection_losses, mask_mass_centres, raster_box_centres)
 from sim_core.model.mask_head import DynamicMaskHead, MaskBranch
 from sim_core.model.mask_inputs import MaskLossInputs
 from sim_core.model.neck import build_neck, check_fpn_levels, stride4_input
@@ -73,7 +80,8 @@ DEFAULT_MODEL_CFG: dict[str, Any] = {
     "tiny_widths": [16, 32, 64, 128], "tiny_blocks": [1, 1, 1, 1], "tiny_norm": "GN",
     "neck": "fpn", "fpn_channels": 256, "fpn_levels": [3, 4, 5, 6, 7],
     "head_convs": 4, "head_norm": "GN", "gn_groups": 32, "prior_prob": 0.01, "box_activation": "relu",
-    "sizes_of_interest": [64, 128, 256, 512], "center_sampling_radius": 1.5,
+    "sizes_of_interest": [64, 128, 256, 512], "center_sampling_radius": 1.5, "center_sampling_center": "box",
+    "iou_smoothing": 0.0, "mask_fusion_stride": 8,
     "mask_branch_channels": 128, "mask_branch_convs": 4, "mask_branch_norm": "BN", "mask_feat_stride": 8,
     "mask_stride4_input": "c2", "mask_out_channels": 16,
     "dyn_channels": 8, "dyn_layers": 3, "topk_masks_per_image": 64,
@@ -92,6 +100,7 @@ PIXEL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 PIXEL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 SIZE_DIVISIBILITY = 32
 MASK_STRIDE = 4
+CENTRE_KINDS = ("box", "mass")
 
 
 @dataclass
@@ -153,11 +162,18 @@ class CondInst(nn.Module):
                              self.mask_head.num_params, cfg["head_norm"], int(cfg["gn_groups"]),
                              float(cfg["prior_prob"]), cfg["box_activation"])
         self.stride4_input = stride4_input(cfg)
+        if cfg["center_sampling_center"] not in CENTRE_KINDS:
+            raise InputError("model.center_sampling_center",
+                             f"must be one of {', '.join(CENTRE_KINDS)}, got {cfg['center_sampling_center']!r}")
+        if not isinstance(cfg["iou_smoothing"], (int, float)) or float(cfg["iou_smoothing"]) < 0:
+            raise InputError("model.iou_smoothing", f"must be a number >= 0, got {cfg['iou_smoothing']!r}")
+        if cfg["mask_fusion_stride"] not in (4, 8):
+            raise InputError("model.mask_fusion_stride", f"must be 8 or 4, got {cfg['mask_fusion_stride']!r}")
         detail_channels = channels if self.stride4_input == "p2" else self.backbone.out_channels.get("c2")
         self.mask_branch = MaskBranch(channels, int(cfg["mask_branch_channels"]), int(cfg["mask_branch_convs"]),
                                       int(cfg["mask_out_channels"]), cfg["mask_branch_norm"],
                                       out_stride=mask_feat_stride, detail_channels=detail_channels,
-                                      detail_is_p2=self.stride4_input == "p2")
+                                      fuse_at_stride4=self.stride4_input == "p2" or int(cfg["mask_fusion_stride"]) == 4)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
         # Channels-last conv weights make oneDNN (CPU) and cuDNN pick their faster NHWC
@@ -242,15 +258,35 @@ class CondInst(nn.Module):
         return decode_boxes(locations, box_reg)
 
     # ------------------------------------------------------------------ training
-    def assign(self, outputs: DetectorOutputs, targets: list[dict[str, Tensor]]) -> FCOSAssignment:
-        """FCOS targets for a batch (``targets`` as the dataset returns them)."""
+    def assign(self, outputs: DetectorOutputs, targets: list[dict[str, Tensor]],
+               mask_centres: bool = False) -> FCOSAssignment:
+        """FCOS targets for a batch (``targets`` as the dataset returns them).
+
+        ``mask_centres``: the method trains on masks, so ``center_sampling_center: mass`` takes the centre of
+        mass of each target's mask (of its box, filled at whole pixels, when the mask is empty).
+        """
         boxes = [t["boxes"].reshape(-1, 4) for t in targets]
         labels = [t["labels"].reshape(-1) for t in targets]
         for lab in labels:
             if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= self.num_classes):
                 raise ValueError(f"target labels must lie in 0..{self.num_classes - 1}, got {lab.tolist()}")
+        centres = None
+        if self.cfg["center_sampling_center"] == "mass":
+            stride = self.mask_branch.out_stride
+            pad_h, pad_w = (int(v) * stride for v in outputs.mask_feats.shape[-2:])
+            centres = [self._mass_centres(t, b, pad_h, pad_w, mask_centres) for t, b in zip(targets, boxes)]
         return assign_targets(outputs.locations, outputs.strides, outputs.levels, boxes, labels,
-                              self.sizes_of_interest, float(self.cfg["center_sampling_radius"]), self.num_classes)
+                              self.sizes_of_interest, float(self.cfg["center_sampling_radius"]), self.num_classes,
+                              gt_centres=centres)
+
+    @staticmethod
+    def _mass_centres(target: dict[str, Tensor], boxes: Tensor, pad_h: int, pad_w: int, use_masks: bool) -> Tensor:
+        centres = raster_box_centres(boxes, pad_h, pad_w)
+        masks = target.get("masks")
+        if use_masks and masks is not None and len(masks) == len(boxes) and len(boxes):
+            filled = (masks.reshape(len(boxes), -1) > 0).any(dim=1).to(centres.device)
+            centres = torch.where(filled[:, None], mask_mass_centres(masks).to(centres.device), centres)
+        return centres
 
     def sample_mask_instances(self, outputs: DetectorOutputs, assignment: FCOSAssignment) -> Tensor:
         """Indices into the assignment's positives that train the mask head (BoxInst/CondInst).
@@ -299,9 +335,10 @@ class CondInst(nn.Module):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
         pre = self.preprocess(images)
         out = self(pre.images_norm)
-        a = self.assign(out, targets)
+        a = self.assign(out, targets, mask_centres=bool(getattr(mask_loss, "supervises_with_masks", False)))
         losses = detection_losses(out.cls_logits, out.box_reg, out.centerness, out.locations, a,
-                                  float(self.cfg["focal_alpha"]), float(self.cfg["focal_gamma"]))
+                                  float(self.cfg["focal_alpha"]), float(self.cfg["focal_gamma"]),
+                                  float(self.cfg["iou_smoothing"]))
         if mask_loss is None:
             return losses
         sampled = self.sample_mask_instances(out, a)

@@ -17,13 +17,23 @@ lies inside the box's *centre region* (a square of half-side
 and the largest of its four regression distances falls in the level's size
 range (``sizes_of_interest`` ``[64, 128, 256, 512]`` gives P3 ``<= 64``, P4
 ``64..128`` ... P7 ``> 512``). Among candidates the GT of smallest area wins.
-The centre is the box centre for every method (CondInst with mask labels uses
-the mask's centre of mass; simbench keeps the detector identical across methods
-so that only the mask supervision differs).
+The centre is set by ``model.center_sampling_center``: ``box`` (simbench's
+default) takes the box centre for every method; ``mass`` takes AdelaiDet's
+centre, the centre of mass of the GT's full-resolution bitmask in pixel-index
+coordinates (``get_sample_region`` with ``gt_bitmasks_full``): the instance
+mask when the method trains on masks (CondInst), else the box filled at whole
+pixels as AdelaiDet rasterises it (BoxInst, and SIM's fork of it), which sits
+about half a pixel above and left of the box centre (:func:`raster_box_centres`,
+:func:`mask_mass_centres`). ``simbench upstream crosscheck`` found the
+difference (docs/upstream.md 0.10).
 
 Losses: sigmoid focal loss (alpha 0.25, gamma 2) summed and divided by the
 number of positives; GIoU loss of the positives weighted by their centerness
-targets and divided by the sum of those targets; BCE on centerness divided by
+targets and divided by the sum of those targets (``model.iou_smoothing`` ``a``
+> 0 takes the IoU inside the GIoU as ``(I + a s^2) / (U + a s^2)`` with the
+level stride ``s``: AdelaiDet's and FCOS's reference ``compute_ious`` adds 1.0
+to intersection and union in stride units; 0, the default, is torchvision's
+plain GIoU); BCE on centerness divided by
 the number of positives. Under ``torch.distributed`` both normalisers are
 averaged over processes, as AdelaiDet does, so every process divides by the
 same number.
@@ -185,17 +195,59 @@ def level_size_ranges(sizes_of_interest: list[float], levels: Tensor) -> tuple[T
     return bounds[levels], bounds[levels + 1]
 
 
+def raster_box_centres(boxes: Tensor, pad_h: int, pad_w: int) -> Tensor:
+    """``[G, 2]`` centre of mass (x, y), in pixel indices, of each ``[G, 4]`` xyxy box filled at whole pixels
+    as AdelaiDet rasterises a box (rows ``int(y1) .. int(y2 + 1) - 1``, clipped to the padded image).
+
+    A box that covers no pixel gets AdelaiDet's ``0 / clamp(0, 1e-6)`` = (0, 0).
+    """
+    b = boxes.to(torch.float32)
+    lo = torch.stack([b[:, 0].floor().clamp(0, pad_w), b[:, 1].floor().clamp(0, pad_h)], 1)
+    hi = torch.stack([(b[:, 2] + 1).floor().clamp(0, pad_w), (b[:, 3] + 1).floor().clamp(0, pad_h)], 1)
+    filled = (hi > lo).all(dim=1, keepdim=True)
+    return torch.where(filled, (lo + hi - 1) / 2, torch.zeros_like(lo))
+
+
+def mask_mass_centres(masks: Tensor) -> Tensor:
+    """``[G, 2]`` centre of mass (x, y), in pixel indices, of ``[G, h, w]`` masks (AdelaiDet's formula)."""
+    m = masks.to(torch.float32)
+    ys = torch.arange(m.shape[1], dtype=torch.float32, device=m.device)
+    xs = torch.arange(m.shape[2], dtype=torch.float32, device=m.device)
+    mass = m.sum(dim=(1, 2)).clamp(min=1e-6)
+    return torch.stack([(m.sum(dim=1) * xs).sum(dim=1) / mass, (m.sum(dim=2) * ys).sum(dim=1) / mass], 1)
+
+
+def smoothed_giou_loss(pred: Tensor, target: Tensor, smoothing_area: Tensor) -> Tensor:
+    """``1 - GIoU`` of ``[P, 4]`` xyxy boxes with the IoU ``(I + a) / (U + a)`` (``a``: ``[P]`` areas).
+
+    AdelaiDet's ``compute_ious`` in pixels: its 1.0 in stride units is ``a = stride ** 2``. The enclosing
+    term has no smoothing, as there.
+    """
+    iw = (torch.minimum(pred[:, 2], target[:, 2]) - torch.maximum(pred[:, 0], target[:, 0])).clamp(min=0)
+    ih = (torch.minimum(pred[:, 3], target[:, 3]) - torch.maximum(pred[:, 1], target[:, 1])).clamp(min=0)
+    inter = iw * ih
+    union = ((pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+             + (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1]) - inter)
+    enclosing = ((torch.maximum(pred[:, 2], target[:, 2]) - torch.minimum(pred[:, 0], target[:, 0]))
+                 * (torch.maximum(pred[:, 3], target[:, 3]) - torch.minimum(pred[:, 1], target[:, 1])))
+    iou = (inter + smoothing_area) / (union + smoothing_area)
+    return 1 - (iou - (enclosing - union) / enclosing)
+
+
 def assign_targets(locations: Tensor, strides: Tensor, levels: Tensor, gt_boxes: list[Tensor],
                    gt_labels: list[Tensor], sizes_of_interest: list[float], center_radius: float,
-                   num_classes: int) -> FCOSAssignment:
-    """FCOS/AdelaiDet assignment with centre sampling; see the module docstring."""
+                   num_classes: int, gt_centres: list[Tensor] | None = None) -> FCOSAssignment:
+    """FCOS/AdelaiDet assignment with centre sampling; see the module docstring.
+
+    ``gt_centres`` (per image ``[G, 2]`` x, y) replaces the box centres of the centre regions.
+    """
     device = locations.device
     n = locations.shape[0]
     lo, hi = level_size_ranges(sizes_of_interest, levels)
     xs, ys = locations[:, 0:1], locations[:, 1:2]
     labels_all, inds_all = [], []
     offset = 0
-    for boxes, labels in zip(gt_boxes, gt_labels):
+    for b, (boxes, labels) in enumerate(zip(gt_boxes, gt_labels)):
         boxes = boxes.to(device=device, dtype=torch.float32)
         g = boxes.shape[0]
         if g == 0:
@@ -204,7 +256,10 @@ def assign_targets(locations: Tensor, strides: Tensor, levels: Tensor, gt_boxes:
             continue
         reg = torch.stack([xs - boxes[:, 0], ys - boxes[:, 1], boxes[:, 2] - xs, boxes[:, 3] - ys], dim=2)  # [N,G,4]
         if center_radius > 0:
-            cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+            if gt_centres is None:
+                cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+            else:
+                cx, cy = gt_centres[b].to(device=device, dtype=torch.float32).unbind(1)
             r = strides.to(torch.float32)[:, None] * center_radius  # [N,1]
             cx0 = torch.maximum(cx - r, boxes[:, 0])
             cy0 = torch.maximum(cy - r, boxes[:, 1])
@@ -256,8 +311,11 @@ def mean_over_processes(value: float, device: torch.device | str = "cpu") -> flo
 
 def detection_losses(cls_logits: Tensor, box_reg: Tensor, centerness: Tensor, locations: Tensor,
                      assignment: FCOSAssignment, focal_alpha: float = 0.25,
-                     focal_gamma: float = 2.0) -> dict[str, Tensor]:
-    """``loss_cls`` (focal), ``loss_box`` (GIoU), ``loss_ctr`` (BCE); shapes [B,N,C], [B,N,4], [B,N]."""
+                     focal_gamma: float = 2.0, iou_smoothing: float = 0.0) -> dict[str, Tensor]:
+    """``loss_cls`` (focal), ``loss_box`` (GIoU), ``loss_ctr`` (BCE); shapes [B,N,C], [B,N,4], [B,N].
+
+    ``iou_smoothing`` > 0: AdelaiDet's smoothed IoU inside the GIoU (module docstring).
+    """
     a = assignment
     ctr_t = a.pos_ctr_targets
     # Both all-reduces run on every process, also one without positives (collectives must match).
@@ -272,7 +330,12 @@ def detection_losses(cls_logits: Tensor, box_reg: Tensor, centerness: Tensor, lo
     reg = box_reg[a.pos_im_inds, a.pos_loc_inds]
     pred_boxes = decode_boxes(locations[a.pos_loc_inds], reg)
     gt_boxes = a.gt_boxes[a.pos_gt_inds]
-    loss_box = (generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="none") * ctr_t).sum() / ctr_norm
+    if iou_smoothing > 0:
+        area = iou_smoothing * a.pos_strides.to(pred_boxes.dtype) ** 2
+        box_losses = smoothed_giou_loss(pred_boxes, gt_boxes, area)
+    else:
+        box_losses = generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="none")
+    loss_box = (box_losses * ctr_t).sum() / ctr_norm
     ctr_pred = centerness[a.pos_im_inds, a.pos_loc_inds]
     loss_ctr = F.binary_cross_entropy_with_logits(ctr_pred, ctr_t, reduction="sum") / num_pos
     return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}

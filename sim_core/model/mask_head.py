@@ -13,7 +13,13 @@ head run at stride 4 and no logit upsampling is needed. With
 ``mask_stride4_input: p2`` the stride-4 input is the FPN's P2 instead, and every
 refined level is upsampled straight to P2's size and summed (AdelaiDet's mask
 branch with ``MASK_BRANCH.IN_FEATURES`` p2-p5), so that runs against the
-original code use the same network. Why the demo needs it:
+original code use the same network; ``mask_fusion_stride: 4`` does the same with C2
+(AdelaiDet's branch with ``IN_FEATURES`` res2, p3-p5). The default (8) sums at
+stride 8 and upsamples the sum: two aligned x2 upsamplings place an input cell
+one stride-4 cell further right and down than one x4 upsampling (``4i + 3``
+against ``4i + 2``), so P4 and P5 land shifted against AdelaiDet's branch (at
+initialisation the two mask feature maps differ by 20 % relative,
+``simbench upstream crosscheck``). Why the demo needs stride 4:
 a 128-pixel demo image is about six times smaller than a COCO image at test
 size 800, so a stride-8 grid gives a 40-88 pixel demo object 5-11 cells where
 a typical COCO object gets several times more. Even a perfect stride-8 mask,
@@ -92,7 +98,7 @@ class MaskBranch(nn.Module):
     """
 
     def __init__(self, in_channels: int, channels: int, num_convs: int, out_channels: int, norm: str = "BN",
-                 out_stride: int = 8, detail_channels: int | None = None, detail_is_p2: bool = False):
+                 out_stride: int = 8, detail_channels: int | None = None, fuse_at_stride4: bool = False):
         super().__init__()
         if out_stride not in (4, 8):
             raise InputError("model.mask_feat_stride", f"must be 8 (CondInst) or 4, got {out_stride!r}")
@@ -107,13 +113,13 @@ class MaskBranch(nn.Module):
                                    nn.Conv2d(channels, out_channels, 1))
         self.out_channels = out_channels
         self.out_stride = out_stride
-        self.detail_is_p2 = bool(detail_is_p2) and self.detail is not None
+        self.fuse_at_stride4 = bool(fuse_at_stride4) and self.detail is not None
 
     def forward(self, feats: list[Tensor], detail: Tensor | None = None) -> Tensor:
         """``feats`` are the FPN maps starting at P3 (only P3-P5 are used); ``detail`` is C2 (or P2)."""
         if self.detail is not None and detail is None:
             raise ValueError("a stride-4 mask branch needs its stride-4 map (C2 or P2)")
-        if self.detail_is_p2:
+        if self.fuse_at_stride4:
             return self.tower(self._fuse_pyramid(feats, self.detail(detail)))
         x = self._fuse_pyramid(feats)
         if self.detail is not None:

@@ -1,0 +1,247 @@
+"""Same weights, same batch: simbench's BoxInst against AdelaiDet's, loss by loss and gradient by gradient.
+
+Why: two codes that reach the same mask AP on a seed or two may still
+compute different things (and a run of one may fail where the other's does
+not). With identical weights and an identical batch, two correct
+implementations of the same network and losses give the same loss values
+and the same gradient for every parameter, up to float rounding. A term or
+a module that differs shows up by name, at no training cost.
+
+``simbench upstream crosscheck --run NAME`` (an ``upstream_runs`` entry of
+code ``adelaidet``):
+
+1. prepares the checkout as a training run does (``prepare_checkout``:
+   environment, translated settings, patched private copy);
+2. builds simbench's CondInst with the run's seed, renames its weights to
+   AdelaiDet's (:func:`adelaidet_name`; the stem's first convolution has its
+   input channels reversed, since detectron2 reads BGR), takes the first
+   ``num_images`` training images without augmentation and writes both to
+   ``runs/<NAME>/crosscheck/input.pt``;
+3. runs ``crosscheck_driver.py`` under the upstream interpreter, with
+   ``MODEL.PIXEL_MEAN``/``PIXEL_STD`` set to simbench's ImageNet
+   normalisation (in BGR order): one training forward and backward;
+4. runs the same forward and backward in simbench (the BoxInst loss at
+   training step ``iteration``) and compares: each loss term, and for each
+   parameter the relative gradient difference ``|g_simbench - g_orig| /
+   |g_orig|``. Result: ``runs/<NAME>/crosscheck/crosscheck.json``.
+
+Weights only AdelaiDet has (the bias of each FCOS tower convolution, which
+simbench's head leaves out before its GroupNorm) stay at their initial zero,
+so the forward pass is the same; their gradients are reported, not compared.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import torch
+
+from sim_core.errors import InputError
+
+DRIVER = Path(__file__).resolve().parent / "crosscheck_driver.py"
+# AdelaiDet's loss names -> simbench's
+LOSS_NAMES = {"loss_fcos_cls": "loss_cls", "loss_fcos_loc": "loss_box", "loss_fcos_ctr": "loss_ctr",
+              "loss_prj": "loss_proj", "loss_pairwise": "loss_pairwise"}
+# float32 sums in a different order: agreement beyond these is a difference in what is computed
+LOSS_RTOL = 1e-4
+GRAD_RTOL = 1e-3
+
+
+def _resnet_name(layer: str, block: str, rest: str) -> str:
+    stage = f"backbone.bottom_up.res{int(layer) + 1}.{block}."
+    conv = re.fullmatch(r"conv(\d)\.(.+)", rest)
+    if conv:
+        return stage + f"conv{conv[1]}.{conv[2]}"
+    bn = re.fullmatch(r"bn(\d)\.(.+)", rest)
+    if bn:
+        return stage + f"conv{bn[1]}.norm.{bn[2]}"
+    down = re.fullmatch(r"downsample\.([01])\.(.+)", rest)
+    if down:
+        return stage + ("shortcut." if down[1] == "0" else "shortcut.norm.") + down[2]
+    raise KeyError(rest)
+
+
+_HEAD = {"cls_tower": "cls_tower", "box_tower": "bbox_tower", "cls_logits": "cls_logits", "box_pred": "bbox_pred",
+         "ctr_pred": "ctrness", "scales": "scales"}
+
+
+def adelaidet_name(name: str, first_level: int = 3) -> str:
+    """AdelaiDet's state-dict key of simbench's CondInst key ``name`` (R-18/50 backbone, FPN neck, C2 input).
+
+    Raises ``KeyError`` for a key with no counterpart (another backbone or neck).
+    """
+    if name in ("backbone.conv1.weight",):
+        return "backbone.bottom_up.stem.conv1.weight"
+    m = re.fullmatch(r"backbone\.bn1\.(.+)", name)
+    if m:
+        return f"backbone.bottom_up.stem.conv1.norm.{m[1]}"
+    m = re.fullmatch(r"backbone\.layer(\d)\.(\d+)\.(.+)", name)
+    if m:
+        return _resnet_name(m[1], m[2], m[3])
+    m = re.fullmatch(r"neck\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.(.+)", name)
+    if m:
+        kind = "lateral" if m[1] == "inner" else "output"
+        return f"backbone.fpn_{kind}{int(m[2]) + first_level}.{m[3]}"
+    m = re.fullmatch(r"head\.(\w+)\.(.+)", name)
+    if m and m[1] in _HEAD:
+        return f"proposal_generator.fcos_head.{_HEAD[m[1]]}.{m[2]}"
+    if m and m[1] == "controller":
+        return f"controller.{m[2]}"
+    m = re.fullmatch(r"mask_branch\.refine\.(\d)\.(.+)", name)
+    if m:  # AdelaiDet's refine[0] is the stride-4 input's block, then P3-P5
+        return f"mask_branch.refine.{int(m[1]) + 1}.{m[2]}"
+    m = re.fullmatch(r"mask_branch\.(detail|tower)\.(.+)", name)
+    if m:
+        return f"mask_branch.{'refine.0' if m[1] == 'detail' else 'tower'}.{m[2]}"
+    raise KeyError(name)
+
+
+def to_adelaidet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """simbench's state dict under AdelaiDet's names; the stem convolution reads BGR."""
+    out = {}
+    for name, value in state.items():
+        key = adelaidet_name(name)
+        out[key] = value.flip(1).clone() if name == "backbone.conv1.weight" else value.clone()
+    if len(out) != len(state):
+        raise ValueError("two simbench weights map to one AdelaiDet name")
+    return out
+
+
+def crosscheck_batch(params: dict, num_images: int) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """The first ``num_images`` training images and targets, resized as for training, not flipped."""
+    from sim_core.data.coco import load_coco
+    from sim_core.data.dataset import CocoDetectionDataset
+
+    data_cfg = params["data"]
+    root = Path(data_cfg["root"])
+    coco = load_coco(root / "train.json", root / "images", check_images=False)
+    dataset = CocoDetectionDataset(coco, train=False, sizes=[int(data_cfg["train_sizes"][0])],
+                                   max_size=int(data_cfg["max_size"]), flip_prob=0.0)
+    if not 1 <= num_images <= len(dataset):
+        raise InputError("--images", f"must be between 1 and {len(dataset)} (training images), got {num_images}")
+    samples = [dataset[i] for i in range(num_images)]
+    return [s[0] for s in samples], [s[1] for s in samples]
+
+
+def simbench_side(params: dict, num_classes: int, state: dict[str, torch.Tensor], images: list[torch.Tensor],
+                  targets: list[dict[str, Any]], iteration: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """One training forward and backward of simbench's model with ``state``: loss values, gradients by name."""
+    from baselines import build_mask_loss
+    from sim_core.engine.trainer import method_config
+    from sim_core.model.condinst import CondInst
+
+    method = params["train"]["method"]
+    model = CondInst(num_classes, params["model"])
+    model.load_state_dict(state)
+    model.train()
+    mask_loss = build_mask_loss(method, method_config(params, method))
+    losses = model.training_losses(images, targets, mask_loss, iteration, int(params["train"]["max_iter"]))
+    sum(losses.values()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: float(v.detach()) for k, v in losses.items()}, grads
+
+
+def compare(ours: tuple[dict[str, float], dict[str, torch.Tensor]], theirs: dict[str, Any]) -> dict[str, Any]:
+    """Loss-by-loss and gradient-by-gradient comparison; ``theirs`` is the driver's output."""
+    our_losses, our_grads = ours
+    losses = {}
+    for their_name, value in theirs["losses"].items():
+        name = LOSS_NAMES.get(their_name, their_name)
+        mine = our_losses.get(name)
+        rel = None if mine is None else abs(mine - value) / max(abs(value), 1e-12)
+        losses[name] = {"simbench": mine, "original": value, "original_name": their_name,
+                        "relative_difference": rel, "agrees": rel is not None and rel <= LOSS_RTOL}
+    for name in sorted(set(our_losses) - set(losses)):
+        losses[name] = {"simbench": our_losses[name], "original": None, "agrees": False}
+    grads, unmatched = {}, []
+    their_grads = theirs["grads"]
+    for name, g in our_grads.items():
+        key = adelaidet_name(name)
+        if key not in their_grads:
+            unmatched.append(name)
+            continue
+        other = their_grads[key].reshape(g.shape).to(g.dtype)
+        if name == "backbone.conv1.weight":
+            other = other.flip(1)
+        denom = float(other.norm())
+        rel = float((g - other).norm()) / max(denom, 1e-20)
+        grads[name] = {"relative_difference": rel, "norm_simbench": float(g.norm()), "norm_original": denom,
+                       "agrees": rel <= GRAD_RTOL}
+    ours_keys = {adelaidet_name(n) for n in our_grads}
+    only_original = {k: float(v.norm()) for k, v in their_grads.items() if k not in ours_keys}
+    worst = sorted(grads, key=lambda n: -grads[n]["relative_difference"])
+    return {"losses": losses, "gradients": grads, "worst_gradients": worst[:10],
+            "gradients_only_in_original": only_original, "simbench_gradients_without_counterpart": unmatched,
+            "losses_agree": all(v["agrees"] for v in losses.values()),
+            "gradients_agree": all(v["agrees"] for v in grads.values()) and not unmatched,
+            "tolerances": {"loss": LOSS_RTOL, "gradient": GRAD_RTOL}}
+
+
+def run_crosscheck(params: dict, name: str, runs_dir: Path | None = None, num_images: int = 4,
+                   iteration: int | None = None, echo: TextIO | None = None,
+                   check: Callable[..., dict] | None = None) -> dict[str, Any]:
+    """Steps 1-4 of the module docstring; writes and returns the comparison."""
+    from baselines import upstream
+    from sim_core.engine.seeding import seed_everything
+    from sim_core.io_utils import atomic_write_json
+    from sim_core.model.condinst import CondInst, PIXEL_MEAN, PIXEL_STD
+
+    prepared = upstream.prepare_checkout(params, name, runs_dir, check or upstream.check_environment)
+    if prepared.code != "adelaidet":
+        raise InputError("--run", f"the cross-check compares BoxInst: {name!r} runs code {prepared.code!r}; "
+                                  "give an upstream_runs entry with code: adelaidet")
+    resolved = prepared.resolved
+    step = int(iteration if iteration is not None else int(resolved["train"]["max_iter"]) // 2)
+    work = prepared.work.parent / "crosscheck"
+    work.mkdir(parents=True, exist_ok=True)
+    seed_everything(int(resolved["train"]["seed"]))
+    state = CondInst(prepared.num_classes, resolved["model"]).state_dict()
+    images, targets = crosscheck_batch(resolved, num_images)
+    bgr_mean = [f"{v:.6f}" for v in reversed(PIXEL_MEAN)]
+    bgr_std = [f"{v:.6f}" for v in reversed(PIXEL_STD)]
+    torch.save({"state_dict": to_adelaidet_state(state), "iteration": step,
+                "images_bgr": [im.flip(0).contiguous() for im in images],
+                "boxes": [t["boxes"] for t in targets], "classes": [t["labels"] for t in targets]},
+               work / "input.pt")
+    settings = {"root": str(prepared.code_root.resolve()), "config": str(prepared.config_path.resolve()),
+                "opts": prepared.opts + ["MODEL.PIXEL_MEAN", "[" + ", ".join(bgr_mean) + "]",
+                                         "MODEL.PIXEL_STD", "[" + ", ".join(bgr_std) + "]"],
+                "input": str((work / "input.pt").resolve()), "output": str((work / "original.pt").resolve()),
+                "threads": int(resolved["train"].get("threads") or 1)}
+    atomic_write_json(work / "settings.json", settings)
+    output = work / "original.pt"
+    if output.exists():
+        output.unlink()
+    env = upstream._child_env(prepared.code_root.resolve(), settings["threads"])
+    started = time.time()
+    rc = upstream.stream([prepared.python, str(DRIVER), str((work / "settings.json").resolve())], work, env,
+                         work / "log.txt", echo)
+    if rc != 0 or not output.is_file():
+        raise InputError(work / "log.txt", f"the original code's forward/backward failed (exit {rc}): "
+                                           f"{upstream._tail(work / 'log.txt')}")
+    theirs = torch.load(output, map_location="cpu")
+    ours = simbench_side(resolved, prepared.num_classes, state, images, targets, step)
+    report = {"run": name, "code": prepared.code, "iteration": step, "num_images": num_images,
+              "image_ids": [int(t["image_id"]) for t in targets], "seconds": round(time.time() - started, 1),
+              "original_missing_keys": theirs["missing"], "original_unexpected_keys": theirs["unexpected"],
+              "original_torch": theirs.get("torch"), "differences": prepared.differences,
+              **compare(ours, theirs)}
+    atomic_write_json(work / "crosscheck.json", report)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A few lines for the terminal: each loss, then the gradients that differ most."""
+    lines = [f"cross-check of {report['run']} at step {report['iteration']} on {report['num_images']} images"]
+    for name, v in report["losses"].items():
+        rel = v.get("relative_difference")
+        lines.append(f"  {name:14s} simbench {v['simbench']!s:>12.12} original {v['original']!s:>12.12} "
+                     f"rel.diff {'n/a' if rel is None else f'{rel:.2e}'} {'ok' if v['agrees'] else 'DIFFERS'}")
+    for name in report["worst_gradients"][:6]:
+        g = report["gradients"][name]
+        lines.append(f"  grad {name:44s} rel.diff {g['relative_difference']:.2e} {'ok' if g['agrees'] else 'DIFFERS'}")
+    lines.append(f"  losses agree: {report['losses_agree']}; gradients agree: {report['gradients_agree']}")
+    return "\n".join(lines)
