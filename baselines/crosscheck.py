@@ -25,6 +25,22 @@ code ``adelaidet``):
    parameter the relative gradient difference ``|g_simbench - g_orig| /
    |g_orig|``. Result: ``runs/<NAME>/crosscheck/crosscheck.json``.
 
+How close is close enough: the gradients of a network trained from scratch
+with BatchNorm are sums with much cancellation, so float32 rounding alone
+moves some of them by up to about 1 % (measured: simbench's own float32
+gradients against its float64 ones, R-18, 8 images). simbench's side is
+therefore also run in float64, and a parameter agrees when the two codes
+differ by at most ``NOISE_FACTOR`` times simbench's own float32 error on it
+(or ``GRAD_RTOL``, whichever is larger). A ReLU whose input lies within
+rounding of 0 in one code and not in the other passes or blocks one
+position's gradient, which moves the few parameters before it by up to
+about 1 % (measured: 8 training images, one of 4,112 P5 positions of the
+classification tower, nine parameters between 1e-3 and 8e-3); a difference
+up to ``ROUNDING_RTOL`` is therefore reported as ``rounding`` and does not
+fail the check, a larger one does. Losses must agree to ``LOSS_RTOL``: the
+smallest real difference found, the colour similarity from float instead of
+uint8 means, moves the pairwise loss by 7e-5.
+
 Weights only AdelaiDet has (the bias of each FCOS tower convolution, which
 simbench's head leaves out before its GroupNorm) stay at their initial zero,
 so the forward pass is the same; their gradients are reported, not compared.
@@ -46,8 +62,11 @@ DRIVER = Path(__file__).resolve().parent / "crosscheck_driver.py"
 LOSS_NAMES = {"loss_fcos_cls": "loss_cls", "loss_fcos_loc": "loss_box", "loss_fcos_ctr": "loss_ctr",
               "loss_prj": "loss_proj", "loss_pairwise": "loss_pairwise"}
 # float32 sums in a different order: agreement beyond these is a difference in what is computed
-LOSS_RTOL = 1e-4
+LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-3
+ROUNDING_RTOL = 1e-2
+# two float32 computations each off the exact value by e: their difference is up to 2e, typically 1.4e
+NOISE_FACTOR = 3.0
 
 
 def _resnet_name(layer: str, block: str, rest: str) -> str:
@@ -127,25 +146,42 @@ def crosscheck_batch(params: dict, num_images: int) -> tuple[list[torch.Tensor],
 
 
 def simbench_side(params: dict, num_classes: int, state: dict[str, torch.Tensor], images: list[torch.Tensor],
-                  targets: list[dict[str, Any]], iteration: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """One training forward and backward of simbench's model with ``state``: loss values, gradients by name."""
+                  targets: list[dict[str, Any]], iteration: int,
+                  dtype: torch.dtype = torch.float32) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """One training forward and backward of simbench's model with ``state``: loss values, gradients by name.
+
+    ``dtype`` float64 gives the reference that measures float32's own rounding error.
+    """
     from baselines import build_mask_loss
     from sim_core.engine.trainer import method_config
     from sim_core.model.condinst import CondInst
 
     method = params["train"]["method"]
-    model = CondInst(num_classes, params["model"])
-    model.load_state_dict(state)
-    model.train()
-    mask_loss = build_mask_loss(method, method_config(params, method))
-    losses = model.training_losses(images, targets, mask_loss, iteration, int(params["train"]["max_iter"]))
-    sum(losses.values()).backward()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = CondInst(num_classes, params["model"])
+        model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+        model.train()
+        mask_loss = build_mask_loss(method, method_config(params, method))
+        losses = model.training_losses(images, targets, mask_loss, iteration, int(params["train"]["max_iter"]))
+        sum(losses.values()).backward()
+    finally:
+        torch.set_default_dtype(previous)
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return {k: float(v.detach()) for k, v in losses.items()}, grads
 
 
-def compare(ours: tuple[dict[str, float], dict[str, torch.Tensor]], theirs: dict[str, Any]) -> dict[str, Any]:
-    """Loss-by-loss and gradient-by-gradient comparison; ``theirs`` is the driver's output."""
+def float32_error(single: dict[str, torch.Tensor], double: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per parameter ``|g_float32 - g_float64| / |g_float64|``: the rounding error of simbench's own gradients."""
+    return {n: float((g.double() - double[n]).norm()) / max(float(double[n].norm()), 1e-30)
+            for n, g in single.items() if n in double}
+
+
+def compare(ours: tuple[dict[str, float], dict[str, torch.Tensor]], theirs: dict[str, Any],
+            rounding: dict[str, float] | None = None) -> dict[str, Any]:
+    """Loss-by-loss and gradient-by-gradient comparison; ``theirs`` is the driver's output, ``rounding``
+    simbench's float32 error per parameter (:func:`float32_error`; None: ``GRAD_RTOL`` alone)."""
     our_losses, our_grads = ours
     losses = {}
     for their_name, value in theirs["losses"].items():
@@ -168,16 +204,22 @@ def compare(ours: tuple[dict[str, float], dict[str, torch.Tensor]], theirs: dict
             other = other.flip(1)
         denom = float(other.norm())
         rel = float((g - other).norm()) / max(denom, 1e-20)
-        grads[name] = {"relative_difference": rel, "norm_simbench": float(g.norm()), "norm_original": denom,
-                       "agrees": rel <= GRAD_RTOL}
+        noise = (rounding or {}).get(name)
+        allowed = max(GRAD_RTOL, NOISE_FACTOR * noise) if noise is not None else GRAD_RTOL
+        status = "agrees" if rel <= allowed else ("rounding" if rel <= ROUNDING_RTOL else "differs")
+        grads[name] = {"relative_difference": rel, "float32_error": noise, "allowed": allowed,
+                       "norm_simbench": float(g.norm()), "norm_original": denom, "status": status,
+                       "agrees": status != "differs"}
     ours_keys = {adelaidet_name(n) for n in our_grads}
     only_original = {k: float(v.norm()) for k, v in their_grads.items() if k not in ours_keys}
-    worst = sorted(grads, key=lambda n: -grads[n]["relative_difference"])
+    worst = sorted(grads, key=lambda n: -grads[n]["relative_difference"] / grads[n]["allowed"])
     return {"losses": losses, "gradients": grads, "worst_gradients": worst[:10],
             "gradients_only_in_original": only_original, "simbench_gradients_without_counterpart": unmatched,
             "losses_agree": all(v["agrees"] for v in losses.values()),
-            "gradients_agree": all(v["agrees"] for v in grads.values()) and not unmatched,
-            "tolerances": {"loss": LOSS_RTOL, "gradient": GRAD_RTOL}}
+            "gradients_agree": all(v["agrees"] for v in grads.values()) and not unmatched and not only_original,
+            "gradients_at_rounding": sorted(n for n, v in grads.items() if v["status"] == "rounding"),
+            "tolerances": {"loss": LOSS_RTOL, "gradient": GRAD_RTOL, "noise_factor": NOISE_FACTOR,
+                           "rounding": ROUNDING_RTOL}}
 
 
 def run_crosscheck(params: dict, name: str, runs_dir: Path | None = None, num_images: int = 4,
@@ -224,11 +266,13 @@ def run_crosscheck(params: dict, name: str, runs_dir: Path | None = None, num_im
                                            f"{upstream._tail(work / 'log.txt')}")
     theirs = torch.load(output, map_location="cpu")
     ours = simbench_side(resolved, prepared.num_classes, state, images, targets, step)
+    exact = simbench_side(resolved, prepared.num_classes, state, images, targets, step, dtype=torch.float64)
+    rounding = float32_error(ours[1], exact[1])
     report = {"run": name, "code": prepared.code, "iteration": step, "num_images": num_images,
               "image_ids": [int(t["image_id"]) for t in targets], "seconds": round(time.time() - started, 1),
               "original_missing_keys": theirs["missing"], "original_unexpected_keys": theirs["unexpected"],
               "original_torch": theirs.get("torch"), "differences": prepared.differences,
-              **compare(ours, theirs)}
+              **compare(ours, theirs, rounding)}
     atomic_write_json(work / "crosscheck.json", report)
     return report
 
@@ -242,6 +286,11 @@ def format_report(report: dict[str, Any]) -> str:
                      f"rel.diff {'n/a' if rel is None else f'{rel:.2e}'} {'ok' if v['agrees'] else 'DIFFERS'}")
     for name in report["worst_gradients"][:6]:
         g = report["gradients"][name]
-        lines.append(f"  grad {name:44s} rel.diff {g['relative_difference']:.2e} {'ok' if g['agrees'] else 'DIFFERS'}")
-    lines.append(f"  losses agree: {report['losses_agree']}; gradients agree: {report['gradients_agree']}")
+        noise = g.get("float32_error")
+        lines.append(f"  grad {name:40s} rel.diff {g['relative_difference']:.2e} (float32 alone "
+                     f"{'n/a' if noise is None else f'{noise:.2e}'}) {g['status'].upper()}")
+    if report["gradients_only_in_original"]:
+        lines.append("  only the original has: " + ", ".join(report["gradients_only_in_original"]))
+    lines.append(f"  losses agree: {report['losses_agree']}; gradients agree: {report['gradients_agree']} "
+                 f"({len(report['gradients_at_rounding'])} at rounding level)")
     return "\n".join(lines)

@@ -309,6 +309,28 @@ def reads_c2(model: dict) -> bool:
     return int(model.get("mask_feat_stride", 8)) == 4 and model.get("mask_stride4_input", "c2") != "p2"
 
 
+def adelaidet_function_differences(model: dict, boxinst: dict) -> list[str]:
+    """The settings on which simbench computes another function than AdelaiDet does, for ``run.json``.
+
+    With all of them at AdelaiDet's value (and the C2 branch fused at stride 4), ``simbench upstream
+    crosscheck`` finds the same losses and gradients on the same weights (docs/upstream.md 0.10).
+    """
+    out = []
+    if model.get("center_sampling_center", "box") != "mass":
+        out.append("centre sampling: simbench around the box centre, upstream around the centre of mass of "
+                   "gt_bitmasks_full (model.center_sampling_center: mass)")
+    if float(model.get("iou_smoothing", 0.0)) != 1.0:
+        out.append(f"GIoU: simbench's IoU smoothing {model.get('iou_smoothing', 0.0)}, upstream's compute_ious "
+                   "adds 1.0 in stride units (model.iou_smoothing: 1.0)")
+    if not model.get("head_conv_bias", False):
+        out.append("FCOS towers: upstream's convolutions have a bias before GroupNorm, simbench's none "
+                   "(model.head_conv_bias: true)")
+    if not boxinst.get("lab_from_uint8", False):
+        out.append("colour similarity: simbench's LAB from the float cell means, upstream's from the means "
+                   "truncated to uint8 (boxinst.lab_from_uint8: true)")
+    return out
+
+
 def translate(resolved: dict, code: str, num_classes: int, match_heads: bool = True) -> tuple[list[str], list[str]]:
     """detectron2 config overrides (``KEY VALUE`` ...) for simbench's shared settings, and the differences left.
 
@@ -427,13 +449,16 @@ def translate(resolved: dict, code: str, num_classes: int, match_heads: bool = T
                 # the backbone's C2 beside P3-P5 (needs the reviewed `c2_input_patches` in the private copy)
                 add("MODEL.FPN.IN_FEATURES", "['res3', 'res4', 'res5']")
                 add("MODEL.CONDINST.MASK_BRANCH.IN_FEATURES", "['res2', 'p3', 'p4', 'p5']")
-                differences.append("stride-4 mask branch with C2: simbench sums the refined P3-P5 at stride 8 "
-                                   "and upsamples the sum x2; upstream upsamples each refined level straight "
-                                   "to stride 4 (aligned bilinear on both sides)")
+                if int(m.get("mask_fusion_stride", 8)) != 4:
+                    differences.append("stride-4 mask branch with C2: simbench sums the refined P3-P5 at stride 8 "
+                                       "and upsamples the sum x2 (P4, P5 land one stride-4 cell further); "
+                                       "upstream upsamples each refined level straight to stride 4 "
+                                       "(model.mask_fusion_stride: 4 does the same)")
         if int(m.get("gn_groups", 32)) != 32:
             differences.append(f"GroupNorm groups: simbench {m['gn_groups']}, upstream 32")
     else:
         differences.append("heads: the upstream config's own widths (upstream.match_heads false)")
+    differences += adelaidet_function_differences(m, b)
     warmup = b.get("pairwise_warmup_iters")
     if warmup is None:
         warmup = round(float(b["pairwise_warmup_frac"]) * int(t["max_iter"]))

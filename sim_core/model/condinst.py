@@ -22,6 +22,7 @@ fpn_channels              256                 64              channels of every 
 fpn_levels                [3, 4, 5, 6, 7]     [3, 4, 5]       FPN levels (stride 2**l)
 head_convs                4                   2               convs per FCOS tower
 head_norm                 GN                  GN              GN | none in the FCOS towers
+head_conv_bias            false               false           tower convs keep a bias before GN (AdelaiDet: true)
 gn_groups                 32                  16              GroupNorm groups of the FCOS towers
 prior_prob                0.01                0.01            initial foreground probability of the classifier
 box_activation            relu                relu            relu (normalised targets) | exp (original FCOS)
@@ -79,7 +80,7 @@ DEFAULT_MODEL_CFG: dict[str, Any] = {
     "backbone": "resnet50", "pretrained": "none", "freeze_at": 2,
     "tiny_widths": [16, 32, 64, 128], "tiny_blocks": [1, 1, 1, 1], "tiny_norm": "GN",
     "neck": "fpn", "fpn_channels": 256, "fpn_levels": [3, 4, 5, 6, 7],
-    "head_convs": 4, "head_norm": "GN", "gn_groups": 32, "prior_prob": 0.01, "box_activation": "relu",
+    "head_convs": 4, "head_norm": "GN", "head_conv_bias": False, "gn_groups": 32, "prior_prob": 0.01, "box_activation": "relu",
     "sizes_of_interest": [64, 128, 256, 512], "center_sampling_radius": 1.5, "center_sampling_center": "box",
     "iou_smoothing": 0.0, "mask_fusion_stride": 8,
     "mask_branch_channels": 128, "mask_branch_convs": 4, "mask_branch_norm": "BN", "mask_feat_stride": 8,
@@ -160,7 +161,7 @@ class CondInst(nn.Module):
                                          feat_stride=mask_feat_stride)
         self.head = FCOSHead(channels, num_classes, int(cfg["head_convs"]), self.fpn_strides,
                              self.mask_head.num_params, cfg["head_norm"], int(cfg["gn_groups"]),
-                             float(cfg["prior_prob"]), cfg["box_activation"])
+                             float(cfg["prior_prob"]), cfg["box_activation"], bool(cfg["head_conv_bias"]))
         self.stride4_input = stride4_input(cfg)
         if cfg["center_sampling_center"] not in CENTRE_KINDS:
             raise InputError("model.center_sampling_center",

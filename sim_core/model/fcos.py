@@ -66,10 +66,10 @@ class Scale(nn.Module):
         return x * self.scale
 
 
-def _tower(channels: int, num_convs: int, norm: str, gn_groups: int) -> nn.Sequential:
+def _tower(channels: int, num_convs: int, norm: str, gn_groups: int, conv_bias: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(num_convs):
-        layers.append(nn.Conv2d(channels, channels, 3, 1, 1, bias=norm != "GN"))
+        layers.append(nn.Conv2d(channels, channels, 3, 1, 1, bias=norm != "GN" or conv_bias))
         if norm == "GN":
             if channels % gn_groups:
                 raise InputError("model.gn_groups", f"{gn_groups} groups do not divide {channels} head channels")
@@ -85,14 +85,16 @@ class FCOSHead(nn.Module):
 
     def __init__(self, channels: int, num_classes: int, num_convs: int, strides: list[int],
                  num_controller_params: int, norm: str = "GN", gn_groups: int = 32,
-                 prior_prob: float = 0.01, box_activation: str = "relu"):
+                 prior_prob: float = 0.01, box_activation: str = "relu", conv_bias: bool = False):
+        """``conv_bias``: the tower convolutions keep a bias before their GroupNorm (AdelaiDet's head does;
+        with two channels per group it is not absorbed by the normalisation)."""
         super().__init__()
         if box_activation not in ("relu", "exp"):
             raise InputError("model.box_activation", f"must be 'relu' or 'exp', got {box_activation!r}")
         self.strides = list(strides)
         self.box_activation = box_activation
-        self.cls_tower = _tower(channels, num_convs, norm, gn_groups)
-        self.box_tower = _tower(channels, num_convs, norm, gn_groups)
+        self.cls_tower = _tower(channels, num_convs, norm, gn_groups, conv_bias)
+        self.box_tower = _tower(channels, num_convs, norm, gn_groups, conv_bias)
         self.cls_logits = nn.Conv2d(channels, num_classes, 3, 1, 1)
         self.box_pred = nn.Conv2d(channels, 4, 3, 1, 1)
         self.ctr_pred = nn.Conv2d(channels, 1, 3, 1, 1)
