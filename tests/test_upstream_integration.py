@@ -47,3 +47,32 @@ def test_real_checkout_end_to_end(code, smoke_params):
     assert "FPNWithRes2" in run["patch_diff"]
     assert "['res2', 'p3', 'p4', 'p5']" in run["upstream"]["opts"]
     assert ("self._iter >" in run["patch_diff"]) == (code == "sim")  # SIM's schedule constants only in SIM
+
+
+EXACT = {"model.mask_fusion_stride": 4, "model.center_sampling_center": "mass", "model.iou_smoothing": 1.0,
+         "model.head_conv_bias": True, "boxinst.lab_from_uint8": True}
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_real_crosscheck_same_weights_same_batch(exact, smoke_params):
+    """With the five settings simbench's BoxInst computes AdelaiDet's losses and gradients; without, not."""
+    root = os.environ.get(ENV["adelaidet"])
+    if not root:
+        pytest.skip(f"opt-in: set {ENV['adelaidet']} to a built AdelaiDet (and SIMBENCH_UPSTREAM_PYTHON); "
+                    "docs/upstream.md")
+    from baselines.crosscheck import run_crosscheck
+
+    params = json.loads(json.dumps(smoke_params))
+    params["upstream"]["python"] = os.environ.get("SIMBENCH_UPSTREAM_PYTHON", sys.executable)
+    params["upstream"]["adelaidet"]["root"] = root
+    # an R-18 with AdelaiDet's group counts, so that the networks can be the same
+    setting = {"model.backbone": "resnet18", "model.gn_groups": 32, "model.mask_branch_norm": "BN",
+               "model.mask_stride4_input": "c2", **(EXACT if exact else {})}
+    params["upstream_runs"] = {"crosscheck_real": {"code": "adelaidet", "set": setting}}
+    report = run_crosscheck(params, "crosscheck_real", num_images=4)
+    if exact:
+        assert report["losses_agree"] and report["gradients_agree"], report["worst_gradients"]
+    else:
+        assert not report["losses_agree"]  # the box loss (centre sampling, IoU smoothing) and the pairwise
+        assert report["gradients"]["mask_branch.tower.0.0.weight"]["status"] == "differs"  # the fusion
+        assert report["gradients_only_in_original"]  # the towers' conv biases
