@@ -232,10 +232,13 @@ def run_crosscheck(params: dict, name: str, runs_dir: Path | None = None, num_im
     from sim_core.io_utils import atomic_write_json
     from sim_core.model.condinst import CondInst, PIXEL_MEAN, PIXEL_STD
 
-    prepared = upstream.prepare_checkout(params, name, runs_dir, check or upstream.check_environment)
-    if prepared.code != "adelaidet":
-        raise InputError("--run", f"the cross-check compares BoxInst: {name!r} runs code {prepared.code!r}; "
+    entry, _ = upstream.resolve_upstream_run(params, name)
+    if entry["code"] != "adelaidet":
+        raise InputError("--run", f"the cross-check compares BoxInst: {name!r} runs code {entry['code']!r}; "
                                   "give an upstream_runs entry with code: adelaidet")
+    if num_images < 1:
+        raise InputError("--images", f"must be at least 1, got {num_images}")
+    prepared = upstream.prepare_checkout(params, name, runs_dir, check or upstream.check_environment)
     resolved = prepared.resolved
     step = int(iteration if iteration is not None else int(resolved["train"]["max_iter"]) // 2)
     work = prepared.work.parent / "crosscheck"
@@ -256,8 +259,9 @@ def run_crosscheck(params: dict, name: str, runs_dir: Path | None = None, num_im
                 "threads": int(resolved["train"].get("threads") or 1)}
     atomic_write_json(work / "settings.json", settings)
     output = work / "original.pt"
-    if output.exists():
-        output.unlink()
+    for stale in (output, work / "crosscheck.json"):  # a failed check must not leave an earlier result
+        if stale.exists():
+            stale.unlink()
     env = upstream._child_env(prepared.code_root.resolve(), settings["threads"])
     started = time.time()
     rc = upstream.stream([prepared.python, str(DRIVER), str((work / "settings.json").resolve())], work, env,

@@ -556,3 +556,22 @@ def test_report_pools_the_seeds_of_a_comparison(fake_env, smoke_params, tmp_path
     item = pooled[0]["intervals"][0]
     assert item["diff"] > 0 and item["image"]["low"] > 0 and item["image"]["excludes_zero"]
     assert item["two_level"]["low"] <= 1e-12 and not item["two_level"]["excludes_zero"]
+
+
+# ------------------------------------------------------------------------------ the same-weights cross-check
+def test_crosscheck_refuses_sim_and_a_bad_batch_and_names_a_failed_original(fake_env, smoke_params):
+    from baselines.crosscheck import run_crosscheck
+
+    r18 = {"model.backbone": "resnet18"}
+    params = _params(smoke_params, fake_env, {"sim_run": {"code": "sim", "set": r18},
+                                              "boxinst_run": {"code": "adelaidet", "set": r18}})
+    with pytest.raises(InputError, match="code: adelaidet"):
+        run_crosscheck(params, "sim_run")
+    with pytest.raises(InputError, match="--images"):
+        run_crosscheck(params, "boxinst_run", num_images=0)
+    # the fake detectron2 builds no model: the driver fails and the error names its log, nothing is compared
+    with pytest.raises(InputError, match="forward/backward failed") as err:
+        run_crosscheck(params, "boxinst_run", num_images=2)
+    log = Path(str(err.value).split(":")[0])
+    assert log.name == "log.txt" and log.is_file()
+    assert not (log.parent / "crosscheck.json").exists() and not (log.parent / "original.pt").exists()
