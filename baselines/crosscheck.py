@@ -119,11 +119,18 @@ def adelaidet_name(name: str, first_level: int = 3) -> str:
     raise KeyError(name)
 
 
-def to_adelaidet_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def first_fpn_level(model_cfg: dict[str, Any]) -> int:
+    """The FPN level of simbench's first neck output: 2 when the stride-4 mask branch reads P2, else 3."""
+    from sim_core.model.neck import stride4_input
+
+    return 2 if stride4_input(model_cfg) == "p2" else 3
+
+
+def to_adelaidet_state(state: dict[str, torch.Tensor], first_level: int = 3) -> dict[str, torch.Tensor]:
     """simbench's state dict under AdelaiDet's names; the stem convolution reads BGR."""
     out = {}
     for name, value in state.items():
-        key = adelaidet_name(name)
+        key = adelaidet_name(name, first_level)
         out[key] = value.flip(1).clone() if name == "backbone.conv1.weight" else value.clone()
     if len(out) != len(state):
         raise ValueError("two simbench weights map to one AdelaiDet name")
@@ -180,7 +187,7 @@ def float32_error(single: dict[str, torch.Tensor], double: dict[str, torch.Tenso
 
 
 def compare(ours: tuple[dict[str, float], dict[str, torch.Tensor]], theirs: dict[str, Any],
-            rounding: dict[str, float] | None = None) -> dict[str, Any]:
+            rounding: dict[str, float] | None = None, first_level: int = 3) -> dict[str, Any]:
     """Loss-by-loss and gradient-by-gradient comparison; ``theirs`` is the driver's output, ``rounding``
     simbench's float32 error per parameter (:func:`float32_error`; None: ``GRAD_RTOL`` alone)."""
     our_losses, our_grads = ours
@@ -196,7 +203,7 @@ def compare(ours: tuple[dict[str, float], dict[str, torch.Tensor]], theirs: dict
     grads, unmatched = {}, []
     their_grads = theirs["grads"]
     for name, g in our_grads.items():
-        key = adelaidet_name(name)
+        key = adelaidet_name(name, first_level)
         if key not in their_grads:
             unmatched.append(name)
             continue
@@ -211,7 +218,7 @@ def compare(ours: tuple[dict[str, float], dict[str, torch.Tensor]], theirs: dict
         grads[name] = {"relative_difference": rel, "float32_error": noise, "allowed": allowed,
                        "norm_simbench": float(g.norm()), "norm_original": denom, "status": status,
                        "agrees": status != "differs"}
-    ours_keys = {adelaidet_name(n) for n in our_grads}
+    ours_keys = {adelaidet_name(n, first_level) for n in our_grads}
     only_original = {k: float(v.norm()) for k, v in their_grads.items() if k not in ours_keys}
     worst = sorted(grads, key=lambda n: -grads[n]["relative_difference"] / grads[n]["allowed"])
     return {"losses": losses, "gradients": grads, "worst_gradients": worst[:10],
@@ -248,7 +255,8 @@ def run_crosscheck(params: dict, name: str, runs_dir: Path | None = None, num_im
     images, targets = crosscheck_batch(resolved, num_images)
     bgr_mean = [f"{v:.6f}" for v in reversed(PIXEL_MEAN)]
     bgr_std = [f"{v:.6f}" for v in reversed(PIXEL_STD)]
-    torch.save({"state_dict": to_adelaidet_state(state), "iteration": step,
+    first_level = first_fpn_level(resolved["model"])
+    torch.save({"state_dict": to_adelaidet_state(state, first_level), "iteration": step,
                 "images_bgr": [im.flip(0).contiguous() for im in images],
                 "boxes": [t["boxes"] for t in targets], "classes": [t["labels"] for t in targets]},
                work / "input.pt")
@@ -277,7 +285,7 @@ def run_crosscheck(params: dict, name: str, runs_dir: Path | None = None, num_im
               "image_ids": [int(t["image_id"]) for t in targets], "seconds": round(time.time() - started, 1),
               "original_missing_keys": theirs["missing"], "original_unexpected_keys": theirs["unexpected"],
               "original_torch": theirs.get("torch"), "differences": prepared.differences,
-              **compare(ours, theirs, rounding)}
+              **compare(ours, theirs, rounding, first_level)}
     atomic_write_json(work / "crosscheck.json", report)
     return report
 

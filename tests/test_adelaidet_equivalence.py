@@ -215,3 +215,15 @@ def test_run_json_lists_the_settings_on_which_the_functions_differ():
     assert len(listed) == 4 and any("model.center_sampling_center: mass" in d for d in listed)
     exact = {**R18_C2, "center_sampling_center": "mass", "iou_smoothing": 1.0, "head_conv_bias": True}
     assert adelaidet_function_differences(exact, {"lab_from_uint8": True}) == []
+
+
+def test_p2_models_are_renamed_from_level_2():
+    from baselines.crosscheck import first_fpn_level
+
+    cfg = {**R18_C2, "mask_stride4_input": "p2", "fpn_levels": [3, 4, 5]}
+    assert first_fpn_level(cfg) == 2 and first_fpn_level(R18_C2) == 3
+    state = CondInst(6, cfg).state_dict()
+    names = [adelaidet_name(k, 2) for k in state]
+    assert len(set(names)) == len(names)
+    assert "backbone.fpn_lateral2.weight" in names and "backbone.fpn_output5.bias" in names
+    assert "backbone.fpn_lateral6.weight" not in names
