@@ -38,9 +38,9 @@ mask_branch_norm          BN                  GN              BN | GN | none in 
 mask_feat_stride          8                   4               stride of the mask features (4 adds C2; docs/demo_scale.md)
 mask_stride4_input        c2                  c2              at stride 4: c2 (C2 through a conv, simbench) | p2 (FPN P2,
                                                               AdelaiDet's MASK_BRANCH.IN_FEATURES p2-p5)
-mask_fusion_stride        8                   8               with c2 at stride 4: where refined P3-P5 are summed:
+mask_fusion_stride        8                   8               with c2 at stride 4, where refined P3-P5 are summed:
                                                               8 (then x2, simbench) | 4 (each level straight to
-                                                              stride 4, AdelaiDet's branch; p2 always does this)
+                                                              stride 4, AdelaiDet's; p2 always does this)
 mask_out_channels         16                  8               mask feature channels (CondInst 8; BoxInst/SIM 16)
 dyn_channels              8                   8               width of the dynamic mask head
 dyn_layers                3                   3               layers of the dynamic mask head
@@ -80,7 +80,8 @@ DEFAULT_MODEL_CFG: dict[str, Any] = {
     "backbone": "resnet50", "pretrained": "none", "freeze_at": 2,
     "tiny_widths": [16, 32, 64, 128], "tiny_blocks": [1, 1, 1, 1], "tiny_norm": "GN",
     "neck": "fpn", "fpn_channels": 256, "fpn_levels": [3, 4, 5, 6, 7],
-    "head_convs": 4, "head_norm": "GN", "head_conv_bias": False, "gn_groups": 32, "prior_prob": 0.01, "box_activation": "relu",
+    "head_convs": 4, "head_norm": "GN", "head_conv_bias": False, "gn_groups": 32, "prior_prob": 0.01,
+    "box_activation": "relu",
     "sizes_of_interest": [64, 128, 256, 512], "center_sampling_radius": 1.5, "center_sampling_center": "box",
     "iou_smoothing": 0.0, "mask_fusion_stride": 8,
     "mask_branch_channels": 128, "mask_branch_convs": 4, "mask_branch_norm": "BN", "mask_feat_stride": 8,
