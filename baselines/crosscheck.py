@@ -48,7 +48,7 @@ so the forward pass is the same; their gradients are reported, not compared.
 """
 from __future__ import annotations
 
-import json
+import io
 import re
 import time
 from pathlib import Path
@@ -131,6 +131,7 @@ def to_adelaidet_state(state: dict[str, torch.Tensor], first_level: int = 3) -> 
     out = {}
     for name, value in state.items():
         key = adelaidet_name(name, first_level)
+        value = value.reshape(1) if value.dim() == 0 else value  # AdelaiDet's Scale holds a [1] tensor
         out[key] = value.flip(1).clone() if name == "backbone.conv1.weight" else value.clone()
     if len(out) != len(state):
         raise ValueError("two simbench weights map to one AdelaiDet name")
@@ -230,14 +231,42 @@ def compare(ours: tuple[dict[str, float], dict[str, torch.Tensor]], theirs: dict
                            "rounding": ROUNDING_RTOL}}
 
 
+def simbench_initial_weights(resolved: dict, num_classes: int) -> dict[str, torch.Tensor]:
+    """The weights simbench's trainer starts a run of ``resolved`` from (the run seed, then the model)."""
+    from sim_core.engine.seeding import seed_everything
+    from sim_core.model.condinst import CondInst
+
+    seed_everything(int(resolved["train"]["seed"]))
+    return CondInst(num_classes, resolved["model"]).state_dict()
+
+
+def simbench_normalisation_opts() -> list[str]:
+    """detectron2 overrides that normalise its BGR input as simbench normalises RGB (ImageNet mean and std)."""
+    from sim_core.model.condinst import PIXEL_MEAN, PIXEL_STD
+
+    bgr_mean = [f"{v:.6f}" for v in reversed(PIXEL_MEAN)]
+    bgr_std = [f"{v:.6f}" for v in reversed(PIXEL_STD)]
+    return ["MODEL.PIXEL_MEAN", "[" + ", ".join(bgr_mean) + "]", "MODEL.PIXEL_STD", "[" + ", ".join(bgr_std) + "]"]
+
+
+def write_simbench_init(resolved: dict, num_classes: int, path: Path) -> list[str]:
+    """Save simbench's initial weights of ``resolved`` under AdelaiDet's names as a detectron2 checkpoint;
+    returns the overrides that start an AdelaiDet run from it (``upstream_runs.<name>.init: simbench``)."""
+    from sim_core.io_utils import atomic_write_bytes
+
+    state = to_adelaidet_state(simbench_initial_weights(resolved, num_classes), first_fpn_level(resolved["model"]))
+    buffer = io.BytesIO()
+    torch.save({"model": state}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return ["MODEL.WEIGHTS", str(Path(path).resolve())] + simbench_normalisation_opts()
+
+
 def run_crosscheck(params: dict, name: str, runs_dir: Path | None = None, num_images: int = 4,
                    iteration: int | None = None, echo: TextIO | None = None,
                    check: Callable[..., dict] | None = None) -> dict[str, Any]:
     """Steps 1-4 of the module docstring; writes and returns the comparison."""
     from baselines import upstream
-    from sim_core.engine.seeding import seed_everything
     from sim_core.io_utils import atomic_write_json
-    from sim_core.model.condinst import CondInst, PIXEL_MEAN, PIXEL_STD
 
     entry, _ = upstream.resolve_upstream_run(params, name)
     if entry["code"] != "adelaidet":
@@ -250,19 +279,15 @@ def run_crosscheck(params: dict, name: str, runs_dir: Path | None = None, num_im
     step = int(iteration if iteration is not None else int(resolved["train"]["max_iter"]) // 2)
     work = prepared.work.parent / "crosscheck"
     work.mkdir(parents=True, exist_ok=True)
-    seed_everything(int(resolved["train"]["seed"]))
-    state = CondInst(prepared.num_classes, resolved["model"]).state_dict()
+    state = simbench_initial_weights(resolved, prepared.num_classes)
     images, targets = crosscheck_batch(resolved, num_images)
-    bgr_mean = [f"{v:.6f}" for v in reversed(PIXEL_MEAN)]
-    bgr_std = [f"{v:.6f}" for v in reversed(PIXEL_STD)]
     first_level = first_fpn_level(resolved["model"])
     torch.save({"state_dict": to_adelaidet_state(state, first_level), "iteration": step,
                 "images_bgr": [im.flip(0).contiguous() for im in images],
                 "boxes": [t["boxes"] for t in targets], "classes": [t["labels"] for t in targets]},
                work / "input.pt")
     settings = {"root": str(prepared.code_root.resolve()), "config": str(prepared.config_path.resolve()),
-                "opts": prepared.opts + ["MODEL.PIXEL_MEAN", "[" + ", ".join(bgr_mean) + "]",
-                                         "MODEL.PIXEL_STD", "[" + ", ".join(bgr_std) + "]"],
+                "opts": prepared.opts + simbench_normalisation_opts(),
                 "input": str((work / "input.pt").resolve()), "output": str((work / "original.pt").resolve()),
                 "threads": int(resolved["train"].get("threads") or 1)}
     atomic_write_json(work / "settings.json", settings)

@@ -27,6 +27,10 @@ upstream --run NAME`` then
    ``train.json``/``val.json`` with ``register_coco_instances`` and calls the
    checkout's own ``tools/train_net.py`` ``main``; runs it in a subprocess
    with the log streamed to stderr and ``runs/<run>/upstream/log.txt``;
+   With ``init: simbench`` (AdelaiDet runs) the run starts from simbench's
+   initial weights of the same seed and settings, renamed to AdelaiDet's
+   (``baselines/crosscheck.py``), and normalises its input as simbench does:
+   both codes then start from one point (docs/upstream.md 0.10);
 5. imports ``OUTPUT_DIR/inference/coco_instances_results.json`` with
    :func:`baselines.external.import_results` and scores it with simbench's
    evaluator into ``runs/<run>/{segm.json, bbox.json, metrics.json}``.
@@ -57,7 +61,7 @@ CODES: dict[str, dict[str, Any]] = {
     "sim": {"method": "sim", "config": "configs/SIM/MS_R_50_1x.yaml", "modules": ("timm", "einops"),
             "title": "SIM (released code)", "repo": "https://github.com/lslrh/SIM"},
 }
-RUN_KEYS = {"code", "seed", "set", "opts", "config", "compare", "fixes", "ablations"}
+RUN_KEYS = {"code", "seed", "set", "opts", "config", "compare", "fixes", "ablations", "init"}
 TRAIN_NAME, TEST_NAME = "simbench_train", "simbench_val"
 RESULTS_FILE = Path("inference") / "coco_instances_results.json"
 DOCS = "docs/upstream.md"
@@ -282,6 +286,10 @@ def resolve_upstream_run(params: dict, name: str) -> tuple[dict, dict]:
             known = ", ".join(k for k, (c, *_rest) in registry.items() if c == code) or "none"
             raise InputError("params.yaml", f"upstream_runs.{name}.{key} must be a list of {key} for {code} "
                                             f"(known: {known}), got {quote(names)}")
+    if entry.get("init") not in (None, "simbench") or (entry.get("init") and code != "adelaidet"):
+        raise InputError("params.yaml", f"upstream_runs.{name}.init must be 'simbench' (an adelaidet run starting "
+                                        "from simbench's initial weights of the same seed), got "
+                                        f"{quote(entry.get('init'))}" + ("" if code == "adelaidet" else f" for {code}"))
     opts = entry.get("opts") or []
     if not isinstance(opts, list) or len(opts) % 2:
         raise InputError("params.yaml", f"upstream_runs.{name}.opts must be a list of KEY, VALUE pairs "
@@ -931,6 +939,10 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
     output_dir = (work / "output").resolve()
     if (output_dir / RESULTS_FILE).exists():
         (output_dir / RESULTS_FILE).unlink()  # never import a previous run's results
+    if entry.get("init") == "simbench":  # the same starting point as simbench's run of this seed
+        from baselines.crosscheck import write_simbench_init
+
+        opts = opts + write_simbench_init(resolved, prepared.num_classes, work / "simbench_init.pth")
     device = str(resolved["train"].get("device", "auto"))
     processes = int(resolved["train"].get("processes", 1) or 1)
     argv = ["--config-file", str(config_path), "--num-gpus", str(processes if device != "cpu" else 1),

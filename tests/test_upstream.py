@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from baselines import upstream
 from sim_core.cli import main as cli_main
@@ -575,3 +576,24 @@ def test_crosscheck_refuses_sim_and_a_bad_batch_and_names_a_failed_original(fake
     log = Path(str(err.value).split(":")[0])
     assert log.name == "log.txt" and log.is_file()
     assert not (log.parent / "crosscheck.json").exists() and not (log.parent / "original.pt").exists()
+
+
+def test_adelaidet_run_from_simbench_initial_weights(fake_env, smoke_params):
+    from baselines.crosscheck import adelaidet_name, simbench_initial_weights
+
+    r18 = {"model.backbone": "resnet18", "model.mask_branch_norm": "BN", "model.gn_groups": 32}
+    params = _params(smoke_params, fake_env, {"same_start": {"code": "adelaidet", "seed": 2, "init": "simbench",
+                                                             "set": r18}})
+    upstream.run_upstream(params, "same_start", echo=None)
+    run_dir = Path(params["train"]["runs_dir"]) / "same_start"
+    opts = json.loads((run_dir / "upstream" / "output" / "fake_record.json").read_text())["opts"]
+    assert opts["MODEL.WEIGHTS"] == str((run_dir / "upstream" / "simbench_init.pth").resolve())
+    assert opts["MODEL.PIXEL_STD"].startswith("[57.375")  # ImageNet std in BGR order, 0-255
+    saved = torch.load(opts["MODEL.WEIGHTS"])["model"]
+    _, resolved = upstream.resolve_upstream_run(params, "same_start")
+    ours = simbench_initial_weights(resolved, num_classes=6)  # the seed-2 start of simbench's own run
+    assert torch.equal(saved[adelaidet_name("head.controller.weight")], ours["head.controller.weight"])
+    assert torch.equal(saved["backbone.bottom_up.stem.conv1.weight"], ours["backbone.conv1.weight"].flip(1))
+    params["upstream_runs"]["bad"] = {"code": "sim", "init": "simbench"}
+    with pytest.raises(InputError, match="init must be 'simbench'.*for sim"):
+        upstream.run_upstream(params, "bad", echo=None)
