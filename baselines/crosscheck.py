@@ -43,8 +43,9 @@ difference found, the colour similarity from float instead of uint8 means,
 moves the pairwise loss by 4e-6 to 7e-5.
 
 Weights only AdelaiDet has (the bias of each FCOS tower convolution, which
-simbench's head leaves out before its GroupNorm) stay at their initial zero,
-so the forward pass is the same; their gradients are reported, not compared.
+simbench's head leaves out unless ``model.head_conv_bias``) stay at their
+initial zero, so the forward pass is the same; their gradients are listed
+and fail the check, since AdelaiDet trains them.
 """
 from __future__ import annotations
 
@@ -295,13 +296,13 @@ def run_crosscheck(params: dict, name: str, runs_dir: Path | None = None, num_im
     for stale in (output, work / "crosscheck.json"):  # a failed check must not leave an earlier result
         if stale.exists():
             stale.unlink()
-    env = upstream._child_env(prepared.code_root.resolve(), settings["threads"])
+    env = upstream.child_env(prepared.code_root.resolve(), settings["threads"])
     started = time.time()
     rc = upstream.stream([prepared.python, str(DRIVER), str((work / "settings.json").resolve())], work, env,
                          work / "log.txt", echo)
     if rc != 0 or not output.is_file():
         raise InputError(work / "log.txt", f"the original code's forward/backward failed (exit {rc}): "
-                                           f"{upstream._tail(work / 'log.txt')}")
+                                           f"{upstream.log_tail(work / 'log.txt')}")
     theirs = torch.load(output, map_location="cpu")
     ours = simbench_side(resolved, prepared.num_classes, state, images, targets, step)
     exact = simbench_side(resolved, prepared.num_classes, state, images, targets, step, dtype=torch.float64)

@@ -197,7 +197,7 @@ def probe(python: str, root: Path, modules: tuple[str, ...] = (), timeout: float
     """Import torch, detectron2, ``adet._C`` (and ``modules``) with ``python``, the checkout first on the path."""
     try:
         proc = subprocess.run([python, "-c", _PROBE, str(root), *modules], capture_output=True, text=True,
-                              timeout=timeout, env=_child_env(root, 1))
+                              timeout=timeout, env=child_env(root, 1))
     except FileNotFoundError:
         raise InputError("upstream.python", f"interpreter {quote(python)} not found (see {DOCS})") from None
     except subprocess.TimeoutExpired:
@@ -798,7 +798,7 @@ def provenance(root: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------- running
-def _child_env(root: Path, threads: int) -> dict[str, str]:
+def child_env(root: Path, threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["PYTHONUNBUFFERED"] = "1"
@@ -831,7 +831,7 @@ def stream(cmd: list[str], cwd: Path, env: dict[str, str], log_path: Path, echo:
         return proc.wait()
 
 
-def _tail(path: Path, lines: int = 3) -> str:
+def log_tail(path: Path, lines: int = 3) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
     except OSError:
@@ -957,13 +957,13 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
     log_path = work / "log.txt"
     if log_path.exists():
         log_path.unlink()
-    env = _child_env(code_root.resolve(), threads)
+    env = child_env(code_root.resolve(), threads)
     started = time.time()
     rc = stream([python, str((work / "launch.py").resolve()), str((work / "settings.json").resolve())],
                 work, env, log_path, echo)
     seconds = time.time() - started
     if rc != 0:
-        raise InputError(log_path, f"the upstream run failed (exit {rc}): {_tail(log_path)}")
+        raise InputError(log_path, f"the upstream run failed (exit {rc}): {log_tail(log_path)}")
     results = output_dir / RESULTS_FILE
     if not results.is_file():
         eval_settings = dict(settings, argv=argv + ["MODEL.WEIGHTS", str(output_dir / "model_final.pth")]
@@ -972,7 +972,7 @@ def run_upstream(params: dict, name: str, runs_dir: Path | None = None, echo: Te
         rc = stream([python, str((work / "launch.py").resolve()), str((work / "settings_eval.json").resolve())],
                     work, env, log_path, echo)
         if rc != 0 or not results.is_file():
-            raise InputError(results, f"the upstream test wrote no results (exit {rc}): {_tail(log_path)}")
+            raise InputError(results, f"the upstream test wrote no results (exit {rc}): {log_tail(log_path)}")
 
     summary = import_results("adelaidet", [results], val_json, run_dir / "segm.json", bbox_out=run_dir / "bbox.json")
     segm = json.loads((run_dir / "segm.json").read_text(encoding="utf-8"))
