@@ -67,6 +67,8 @@ LOSS_NAMES = {"loss_fcos_cls": "loss_cls", "loss_fcos_loc": "loss_box", "loss_fc
 LOSS_RTOL = 1e-6
 GRAD_RTOL = 1e-3
 ROUNDING_RTOL = 1e-2
+# simbench's stem convolution, whose input channels are reversed on AdelaiDet's side (detectron2 reads BGR)
+STEM_WEIGHT = "backbone.conv1.weight"
 # two float32 computations each off the exact value by e: their difference is up to 2e, typically 1.4e
 NOISE_FACTOR = 3.0
 
@@ -94,7 +96,7 @@ def adelaidet_name(name: str, first_level: int = 3) -> str:
 
     Raises ``KeyError`` for a key with no counterpart (another backbone or neck).
     """
-    if name in ("backbone.conv1.weight",):
+    if name == STEM_WEIGHT:
         return "backbone.bottom_up.stem.conv1.weight"
     m = re.fullmatch(r"backbone\.bn1\.(.+)", name)
     if m:
@@ -133,7 +135,7 @@ def to_adelaidet_state(state: dict[str, torch.Tensor], first_level: int = 3) -> 
     for name, value in state.items():
         key = adelaidet_name(name, first_level)
         value = value.reshape(1) if value.dim() == 0 else value  # AdelaiDet's Scale holds a [1] tensor
-        out[key] = value.flip(1).clone() if name == "backbone.conv1.weight" else value.clone()
+        out[key] = value.flip(1).clone() if name == STEM_WEIGHT else value.clone()
     if len(out) != len(state):
         raise ValueError("two simbench weights map to one AdelaiDet name")
     return out
@@ -204,13 +206,14 @@ def compare(ours: tuple[dict[str, float], dict[str, torch.Tensor]], theirs: dict
         losses[name] = {"simbench": our_losses[name], "original": None, "agrees": False}
     grads, unmatched = {}, []
     their_grads = theirs["grads"]
+    their_names = {name: adelaidet_name(name, first_level) for name in our_grads}
     for name, g in our_grads.items():
-        key = adelaidet_name(name, first_level)
+        key = their_names[name]
         if key not in their_grads:
             unmatched.append(name)
             continue
         other = their_grads[key].reshape(g.shape).to(g.dtype)
-        if name == "backbone.conv1.weight":
+        if name == STEM_WEIGHT:
             other = other.flip(1)
         denom = float(other.norm())
         rel = float((g - other).norm()) / max(denom, 1e-20)
@@ -220,7 +223,7 @@ def compare(ours: tuple[dict[str, float], dict[str, torch.Tensor]], theirs: dict
         grads[name] = {"relative_difference": rel, "float32_error": noise, "allowed": allowed,
                        "norm_simbench": float(g.norm()), "norm_original": denom, "status": status,
                        "agrees": status != "differs"}
-    ours_keys = {adelaidet_name(n, first_level) for n in our_grads}
+    ours_keys = set(their_names.values())
     only_original = {k: float(v.norm()) for k, v in their_grads.items() if k not in ours_keys}
     worst = sorted(grads, key=lambda n: -grads[n]["relative_difference"] / grads[n]["allowed"])
     return {"losses": losses, "gradients": grads, "worst_gradients": worst[:10],
