@@ -339,3 +339,86 @@ def test_paste_dice_mean_reaches_the_paste_loss():
         assert all(t["pasted"].tolist() == [False, False, True] for t in targets)
         values[mode] = losses["loss_paste"].item()
     assert 0 < values["pasted"] < values["sampled"] <= values["pasted"] + 1
+
+
+def _two_image_record(bankable: list[bool]) -> SIMStepRecord:
+    maps = torch.zeros(3, 8, 8)
+    maps[0, 1:5, 1:5] = 0.9
+    maps[1, 2:6, 2:6] = 0.9
+    maps[2, 0:2, 0:2] = 0.95
+    return SIMStepRecord(proto_sums=None, proto_counts=None,
+                         images=[torch.zeros(3, 32, 32, dtype=torch.uint8), torch.ones(3, 32, 32, dtype=torch.uint8)],
+                         gt_boxes=torch.tensor([[0.0, 0.0, 24.0, 24.0], [4.0, 4.0, 28.0, 28.0], [0.0, 0.0, 10.0, 10.0]]),
+                         gt_labels=torch.tensor([0, 1, 2]), gt_im_inds=torch.tensor([0, 0, 1]), instance_maps=maps,
+                         bankable=torch.tensor(bankable), iteration=5, max_iter=10)
+
+
+def test_bank_entries_last_image_pushes_the_batch_last_image_once_per_image():
+    """``sim.bank_entries: last_image`` (the release appends one shared dict per image): a batch of two
+    images leaves two entries, both the second image's; without a bankable instance in the last image the
+    batch leaves none. ``per_image`` keeps one entry per image."""
+    _, _, per_image = _setup({"pseudo_start_frac": 0.5})
+    per_image.push_record(_two_image_record([True, True, True]))
+    assert [e["labels"].tolist() for e in per_image.copy_paste.bank.entries] == [[0, 1], [2]]
+
+    _, _, last = _setup({"pseudo_start_frac": 0.5, "bank_entries": "last_image"})
+    last.push_record(_two_image_record([True, True, True]))
+    entries = list(last.copy_paste.bank.entries)
+    assert [e["labels"].tolist() for e in entries] == [[2], [2]]
+    assert entries[0] is entries[1]
+    assert bool(entries[0]["crops"][0].eq(1).all())  # the second image's pixels
+
+    _, _, none_left = _setup({"pseudo_start_frac": 0.5, "bank_entries": "last_image"})
+    none_left.push_record(_two_image_record([True, True, False]))
+    assert len(none_left.copy_paste.bank) == 0
+
+
+def test_prototype_updates_image_takes_one_momentum_step_per_image_in_order():
+    """``sim.prototype_updates: image`` (the release's ``prototype_learning``): the statistics of each image
+    move the prototypes in turn, p <- normalise(m p + (1 - m) c_b) for b = 0, 1, by hand; ``iteration``
+    takes one step towards the centroid of both images' pixels, which differs."""
+    m = 0.5
+    _, _, state = _setup({"prototype_updates": "image", "proto_momentum": m, "num_prototypes": 1})
+    bank = state.prototypes
+    start = torch.nn.functional.normalize(torch.tensor([1.0, 0.0] + [0.0] * (bank.dim - 2)), dim=0)
+    bank.prototypes.zero_()
+    bank.prototypes[:, 0] = start
+    c0 = torch.zeros(bank.dim)
+    c0[1] = 1.0
+    c1 = torch.zeros(bank.dim)
+    c1[2] = 3.0  # a sum of 3 pixels along axis 2
+    sums = torch.zeros(2, 3, 1, bank.dim)
+    counts = torch.zeros(2, 3, 1)
+    sums[0, 1, 0], counts[0, 1, 0] = c0, 1.0  # image 0: class 1
+    sums[1, 1, 0], counts[1, 1, 0] = c1, 3.0  # image 1: class 1 as well
+    rec = _two_image_record([False, False, False])
+    state.records.append(SIMStepRecord(**{**rec.__dict__, "proto_sums": sums, "proto_counts": counts}))
+    state.after_step(state.teacher.model, 5)
+
+    unit = torch.nn.functional.normalize
+    p1 = unit(m * start + (1 - m) * unit(c0, dim=0), dim=0)
+    p2 = unit(m * p1 + (1 - m) * unit(c1, dim=0), dim=0)
+    assert torch.allclose(bank.prototypes[1, 0], p2, atol=1e-6)
+    assert torch.equal(bank.prototypes[0, 0], start) and torch.equal(bank.prototypes[2, 0], start)
+    one_step = unit(m * start + (1 - m) * unit(c0 + c1, dim=0), dim=0)
+    assert not torch.allclose(one_step, p2, atol=1e-3)
+
+
+def test_prototype_updates_image_records_per_image_statistics_in_a_sim_step():
+    """A full SIM step with ``prototype_updates: image``: the record holds one statistic per image (Sinkhorn
+    run per image and class, so the prototypes' shares differ from one run over the batch, but each class
+    gathers the same pixels and feature total), and the state applies them."""
+    records = {}
+    for mode in ("iteration", "image"):
+        model, loss, state = _setup({"pseudo_start_frac": 0.0, "confident_thresh": 0.0, "copy_paste": False,
+                                     "prototype_updates": mode})
+        _step(model, loss, state, iteration=0)
+        records[mode] = state.records[0]
+        before = state.prototypes.prototypes.clone()
+        state.after_step(model, 0)
+        assert not torch.equal(state.prototypes.prototypes, before)
+    per_image, whole = records["image"], records["iteration"]
+    assert per_image.proto_sums.shape == (2,) + tuple(whole.proto_sums.shape)
+    assert torch.allclose(per_image.proto_sums.sum((0, 2)), whole.proto_sums.sum(1), atol=1e-4)
+    assert torch.equal(per_image.proto_counts.sum((0, 2)), whole.proto_counts.sum(1))
+    assert per_image.proto_counts.sum() > 0

@@ -58,8 +58,8 @@ from sim_core.sim.variants import SIMSettings, boxinst_config, resolve_sim_setti
 class SIMStepRecord:
     """What one forward leaves for ``SIMTrainingState.after_step``."""
 
-    proto_sums: Tensor | None  # [C, L, D] Sinkhorn-assigned feature sums (None: prototypes off)
-    proto_counts: Tensor | None  # [C, L]
+    proto_sums: Tensor | None  # [C, L, D] Sinkhorn-assigned feature sums (None: prototypes off); [B, C, L, D]
+    proto_counts: Tensor | None  # [C, L]; [B, C, L]      with sim.prototype_updates: image
     images: list[Tensor]  # uint8 [3, h, w] images as the network saw them
     gt_boxes: Tensor  # [G, 4]
     gt_labels: Tensor  # [G]
@@ -266,8 +266,15 @@ class SIMLoss(nn.Module):
         if s.prototypes and prototypes is not None:
             confident = (M_I > s.confident_thresh) & (gt_box_masks > 0.5) & (valid > 0.5) & has_pos.view(-1, 1, 1)
             student = upsample_features(inputs.mask_feats.detach().float(), tuple(M_I.shape[-2:]))
-            feats, labels = confident_pixel_features(student, confident, a.gt_labels, a.gt_im_inds)
-            sums, counts = prototypes.assignment_statistics(feats, labels)
+            if s.prototype_updates == "image":  # one statistic per image, applied in turn (after_step)
+                per_image = [prototypes.assignment_statistics(*confident_pixel_features(
+                    student[b:b + 1], confident[rows], a.gt_labels[rows], torch.zeros_like(a.gt_im_inds[rows])))
+                    for b in range(student.shape[0]) for rows in [a.gt_im_inds == b]]
+                sums = torch.stack([p[0] for p in per_image])
+                counts = torch.stack([p[1] for p in per_image])
+            else:
+                feats, labels = confident_pixel_features(student, confident, a.gt_labels, a.gt_im_inds)
+                sums, counts = prototypes.assignment_statistics(feats, labels)
         images: list[Tensor] = []
         bankable = torch.zeros_like(has_pos)
         if s.copy_paste:

@@ -101,7 +101,9 @@ class SIMTrainingState:
     def after_step(self, student: nn.Module, iteration: int) -> None:
         """Teacher EMA update, prototype update, bank push; then forget this iteration's records."""
         self.teacher.update(student)
-        if self.settings.prototypes:
+        if self.settings.prototypes and self.settings.prototype_updates == "image":
+            self.apply_per_image_statistics()
+        elif self.settings.prototypes:
             sums = torch.zeros_like(self.prototypes.prototypes)
             counts = sums.new_zeros(sums.shape[:2])
             for rec in self.records:
@@ -114,14 +116,41 @@ class SIMTrainingState:
                 self.push_record(rec)
         self.records.clear()
 
+    def apply_per_image_statistics(self) -> None:
+        """``sim.prototype_updates: image``: one momentum step per image of each recorded batch.
+
+        The released code (``prototype_learning``) updates the prototypes of every class an
+        image holds once per image, so a class seen in k images of a batch moves k momentum
+        steps per iteration. Records then hold ``[B, C, L, D]`` / ``[B, C, L]`` statistics; the
+        images are applied in order (an image without confident pixels of a class leaves that
+        class's prototypes as they are). Distributed: the b-th images of all processes are
+        reduced together, so every process keeps identical prototypes.
+        """
+        for rec in self.records:
+            if rec.proto_sums is None:
+                continue
+            for sums, counts in zip(rec.proto_sums, rec.proto_counts):
+                self.prototypes.apply_statistics(sums.to(self.prototypes.prototypes.device),
+                                                 counts.to(self.prototypes.prototypes.device))
+
     def push_record(self, rec: SIMStepRecord) -> None:
-        """One bank entry per image of the recorded batch (teacher pseudo masks at full resolution)."""
+        """One bank entry per image of the recorded batch (teacher pseudo masks at full resolution).
+
+        ``sim.bank_entries: last_image`` reproduces the released code instead: its
+        ``condinst.py`` fills one ``paste_data`` dict per batch and appends that same
+        object once per image, so every entry a batch leaves holds the batch's last
+        image. Here the last image's entry (none when it has no bankable instance) is
+        pushed once per image of the batch.
+        """
         if not rec.images or rec.instance_maps.numel() == 0:
             return
         if not bool(rec.bankable.any()):
             return
         upsampled = aligned_bilinear(rec.instance_maps.unsqueeze(1).float(), 4)[:, 0]  # one call, cut per image
+        last_only = self.settings.bank_entries == "last_image"
         for b, image in enumerate(rec.images):
+            if last_only and b != len(rec.images) - 1:
+                continue
             rows = torch.nonzero((rec.gt_im_inds == b) & rec.bankable).flatten()
             if rows.numel() == 0:
                 continue
@@ -129,7 +158,8 @@ class SIMTrainingState:
             full = upsampled[rows, :h, :w]
             entry = make_bank_entry(image.cpu(), rec.gt_boxes[rows].cpu(), rec.gt_labels[rows].cpu(), full.cpu(),
                                     self.settings.confident_thresh)
-            self.copy_paste.bank.push(entry)
+            for _ in range(len(rec.images) if last_only else 1):
+                self.copy_paste.bank.push(entry)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -57,6 +57,7 @@ PAPER: dict[str, Any] = {
     "teacher_head_input": "teacher",  # FPN levels the teacher's FCOS head reads: its own | student (release); docs/sim.md
     "ema_momentum": 0.9999,
     "proto_momentum": 0.999,
+    "prototype_updates": "iteration",  # one momentum step per iteration | per image holding the class (release)
     "sinkhorn_eps": 0.05,
     "sinkhorn_iters": 3,
     # copy-paste
@@ -66,6 +67,7 @@ PAPER: dict[str, Any] = {
     "max_paste": 3,
     "paste_score_power": 1.0,
     "paste_when_full": False,  # paste only once the bank holds bank_size entries (released code)
+    "bank_entries": "per_image",  # one entry per image | every entry of a batch the batch's last image (release)
     # BoxInst pairwise term inside SIM (null: BoxInst's own colour threshold)
     "pairwise_color_thresh": None,
     "pairwise_feature_similarity": False,
@@ -109,6 +111,8 @@ _CHOICES = {
     "paste_dice_mean": ("pasted", "sampled"),
     "teacher_init": ("student", "independent"),
     "teacher_head_input": ("teacher", "student"),
+    "prototype_updates": ("iteration", "image"),
+    "bank_entries": ("per_image", "last_image"),
 }
 _UNIT_INTERVAL = ("alpha", "tau_high", "tau_high_max", "tau_low", "confident_thresh", "ema_momentum",
                   "proto_momentum", "paste_prob", "pseudo_start_frac", "outside_box_weight")
@@ -146,6 +150,7 @@ class SIMSettings:
     teacher_head_input: str
     ema_momentum: float
     proto_momentum: float
+    prototype_updates: str
     sinkhorn_eps: float
     sinkhorn_iters: int
     bank_size: int
@@ -154,6 +159,7 @@ class SIMSettings:
     max_paste: int
     paste_score_power: float
     paste_when_full: bool
+    bank_entries: str
     pairwise_color_thresh: float | None
     pairwise_feature_similarity: bool
 
