@@ -20,6 +20,10 @@ Update, once per iteration (paper Sec. 3.2):
    for every prototype that received at least one pixel (the others keep
    their value).
 
+``sim.prototype_updates: image`` follows the released code's schedule instead:
+Sinkhorn per image and class, and one momentum step per image holding the class
+(:func:`per_image_statistics`, applied in batch order by ``SIMTrainingState``).
+
 Distributed training: the per-prototype feature sums and pixel counts are
 all-reduced (summed) before the centroids are formed, so every process ends
 with identical prototypes; averaging both sums and counts instead gives the
@@ -147,3 +151,20 @@ def confident_pixel_features(student_feats: Tensor, confident: Tensor, gt_labels
     union.index_add_(0, gt_im_inds.long() * C + gt_labels.long(), confident.reshape(-1, H * W).float())
     b, c, y, x = torch.nonzero(union.view(B, C, H, W) > 0, as_tuple=True)
     return feats[b, :, y, x], c
+
+
+@torch.no_grad()
+def per_image_statistics(bank: PrototypeBank, student_feats: Tensor, confident: Tensor, gt_labels: Tensor,
+                         gt_im_inds: Tensor) -> tuple[Tensor, Tensor]:
+    """``[B, C, L, D]`` sums and ``[B, C, L]`` counts: :meth:`PrototypeBank.assignment_statistics` of each
+    image's confident pixels on their own (``sim.prototype_updates: image``; arguments as
+    :func:`confident_pixel_features`)."""
+    sums, counts = [], []
+    for b in range(student_feats.shape[0]):
+        rows = gt_im_inds == b
+        feats, labels = confident_pixel_features(student_feats[b:b + 1], confident[rows], gt_labels[rows],
+                                                 torch.zeros_like(gt_im_inds[rows]))
+        image_sums, image_counts = bank.assignment_statistics(feats, labels)
+        sums.append(image_sums)
+        counts.append(image_counts)
+    return torch.stack(sums), torch.stack(counts)

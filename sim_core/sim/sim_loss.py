@@ -46,7 +46,7 @@ from sim_core.evaluation.supervision_quality import (diagnosable_rows, one_row_p
                                                      pseudo_label_quality)
 from sim_core.model.condinst import MASK_STRIDE, box_masks
 from sim_core.model.mask_inputs import MaskLossInputs, zero_loss
-from sim_core.sim.prototypes import PrototypeBank, confident_pixel_features
+from sim_core.sim.prototypes import PrototypeBank, confident_pixel_features, per_image_statistics
 from sim_core.sim.pseudo_loss import paste_mask_loss, pseudo_loss_weight, pseudo_mask_loss
 from sim_core.sim.self_correction import adaptive_tau_high, combine_maps, pseudo_labels
 from sim_core.sim.semantic_map import semantic_probability_map, upsample_features
@@ -267,11 +267,7 @@ class SIMLoss(nn.Module):
             confident = (M_I > s.confident_thresh) & (gt_box_masks > 0.5) & (valid > 0.5) & has_pos.view(-1, 1, 1)
             student = upsample_features(inputs.mask_feats.detach().float(), tuple(M_I.shape[-2:]))
             if s.prototype_updates == "image":  # one statistic per image, applied in turn (after_step)
-                per_image = [prototypes.assignment_statistics(*confident_pixel_features(
-                    student[b:b + 1], confident[rows], a.gt_labels[rows], torch.zeros_like(a.gt_im_inds[rows])))
-                    for b in range(student.shape[0]) for rows in [a.gt_im_inds == b]]
-                sums = torch.stack([p[0] for p in per_image])
-                counts = torch.stack([p[1] for p in per_image])
+                sums, counts = per_image_statistics(prototypes, student, confident, a.gt_labels, a.gt_im_inds)
             else:
                 feats, labels = confident_pixel_features(student, confident, a.gt_labels, a.gt_im_inds)
                 sums, counts = prototypes.assignment_statistics(feats, labels)
