@@ -145,7 +145,8 @@ def _make_method_step(params: dict, method: str, images, targets, num_classes: i
 
 METHOD_VARIANTS = [
     ("mask", "mask", {}),
-    ("mask_fp32", "mask", {"train.cpu_amp": False}),  # what train.cpu_amp (bfloat16 autocast) buys
+    ("mask_fp32", "mask", {"train.cpu_amp": False}),  # train.cpu_amp off and on: what bfloat16 autocast buys
+    ("mask_bf16", "mask", {"train.cpu_amp": True}),  # on this CPU (native with AMX/AVX512-BF16, emulated on AVX2)
     ("boxmask", "boxmask", {}),
     ("boxinst", "boxinst", {}),
     ("boxlevelset", "boxlevelset", {"boxlevelset.tree_filter": True}),
