@@ -147,18 +147,17 @@ class SIMTrainingState:
         if not bool(rec.bankable.any()):
             return
         upsampled = aligned_bilinear(rec.instance_maps.unsqueeze(1).float(), 4)[:, 0]  # one call, cut per image
+        batch = len(rec.images)
         last_only = self.settings.bank_entries == "last_image"
-        for b, image in enumerate(rec.images):
-            if last_only and b != len(rec.images) - 1:
-                continue
+        for b in [batch - 1] if last_only else range(batch):
             rows = torch.nonzero((rec.gt_im_inds == b) & rec.bankable).flatten()
             if rows.numel() == 0:
                 continue
-            h, w = image.shape[-2:]
+            h, w = rec.images[b].shape[-2:]
             full = upsampled[rows, :h, :w]
-            entry = make_bank_entry(image.cpu(), rec.gt_boxes[rows].cpu(), rec.gt_labels[rows].cpu(), full.cpu(),
-                                    self.settings.confident_thresh)
-            for _ in range(len(rec.images) if last_only else 1):
+            entry = make_bank_entry(rec.images[b].cpu(), rec.gt_boxes[rows].cpu(), rec.gt_labels[rows].cpu(),
+                                    full.cpu(), self.settings.confident_thresh)
+            for _ in range(batch if last_only else 1):
                 self.copy_paste.bank.push(entry)
 
     # ------------------------------------------------------------ checkpoints
