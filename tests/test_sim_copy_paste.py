@@ -128,3 +128,44 @@ def test_copy_paste_decision_bank_fifo_and_state_round_trip():
     assert never([image], [target])[1][0]["pasted"].tolist() == [False]
     with pytest.raises(IndexError):
         InstanceBank(1).sample(torch.Generator())
+
+
+def test_paste_with_regions_boxes_every_instance_by_its_box_fill_minus_the_pasted_pixels():
+    """``sim.paste_supervision: region`` (the release's ``copypaste.py``): an original's region is its box
+    fill, rows and columns ``int(y1)..int(y2)`` inclusive, minus the pasted pixels; its box becomes that
+    region's tight box (one pixel wider than an integer box the paste does not touch), a pasted instance's
+    region is its pseudo mask."""
+    entry = _entry()
+    image = torch.zeros(3, 10, 10, dtype=torch.uint8)
+    target = {"boxes": torch.tensor([[0.5, 0.0, 5.5, 6.0],  # A: fill rows 0..6, columns 0..5
+                                     [6.0, 6.0, 9.0, 9.0],  # B: fill rows/columns 6..9, all pasted over
+                                     [7.0, 0.0, 10.0, 3.0]]),  # C: untouched, fill columns 7..9, rows 0..3
+              "labels": torch.tensor([0, 1, 2]), "masks": torch.zeros(3, 10, 10, dtype=torch.uint8)}
+    _, plain = paste_instances(image, target, entry, [0, 1])
+    assert "regions" not in plain
+    _, out = paste_instances(image, target, entry, [0, 1], regions=True)
+    assert out["labels"].tolist() == [0, 2, 4, 5]
+    assert out["pasted"].tolist() == [False, False, True, True]
+    regions = out["regions"]
+    assert regions.shape == (4, 10, 10) and regions.dtype == torch.bool
+    expected_a = torch.zeros(10, 10, dtype=torch.bool)
+    expected_a[0:6, 0:3] = True  # columns 3..5 of rows 0..5 are instance 0's pasted pixels
+    expected_a[6, 0:6] = True  # row 6 = int(6.0) belongs to the fill and is not pasted over
+    assert torch.equal(regions[0], expected_a)
+    assert out["boxes"][0].tolist() == [0.0, 0.0, 6.0, 7.0]
+    assert out["boxes"][1].tolist() == [7.0, 0.0, 10.0, 4.0]  # clipped at the image, one row lower
+    assert torch.equal(regions[2], out["masks"][2].bool()) and torch.equal(regions[3], out["masks"][3].bool())
+    assert out["boxes"][2].tolist() == [3.0, 0.0, 6.0, 6.0]
+
+
+def test_bank_entry_cuts_pseudo_masks_to_the_supervision_regions():
+    probs = torch.full((1, 6, 6), 0.9)
+    region = torch.zeros(1, 6, 6, dtype=torch.bool)
+    region[0, 1:4, 1:3] = True
+    entry = make_bank_entry(torch.zeros(3, 6, 6, dtype=torch.uint8), torch.tensor([[1.0, 1.0, 5.0, 5.0]]),
+                            torch.tensor([3]), probs, thresh=0.7, regions=region)
+    assert int(entry["masks"][0].sum()) == 6 and bool(entry["masks"][0][0:3, 0:2].all())
+    assert make_bank_entry(torch.zeros(3, 6, 6, dtype=torch.uint8), torch.tensor([[1.0, 1.0, 5.0, 5.0]]),
+                           torch.tensor([3]), probs, regions=torch.zeros(1, 6, 6, dtype=torch.bool)) is None
+    with pytest.raises(ValueError, match="paste supervision"):
+        CopyPaste(supervision="mask")

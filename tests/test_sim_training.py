@@ -422,3 +422,75 @@ def test_prototype_updates_image_records_per_image_statistics_in_a_sim_step():
     assert torch.allclose(per_image.proto_sums.sum((0, 2)), whole.proto_sums.sum(1), atol=1e-4)
     assert torch.equal(per_image.proto_counts.sum((0, 2)), whole.proto_counts.sum(1))
     assert per_image.proto_counts.sum() > 0
+
+
+def test_paste_supervision_region_supervises_pasted_batches_by_regions(monkeypatch):
+    """``sim.paste_supervision: region`` (the release): in a pasted batch the box terms read each
+    instance's region (a pasted one's is its pseudo mask), ``L_pseudo`` covers the pasted instances too,
+    and the bank takes them, their pseudo masks cut to the regions. ``box`` keeps pasted rows out of both."""
+    import sim_core.sim.sim_loss as sim_loss_module
+
+    seen = {}
+    real_pseudo = sim_loss_module.pseudo_mask_loss
+
+    def counting_pseudo(logits, *args, **kwargs):
+        seen["rows"] = int(logits.shape[0])
+        return real_pseudo(logits, *args, **kwargs)
+
+    monkeypatch.setattr(sim_loss_module, "pseudo_mask_loss", counting_pseudo)
+    for mode in ("box", "region"):
+        model, loss, state = _setup({"pseudo_start_frac": 0.0, "paste_prob": 1.0, "confident_thresh": 0.0,
+                                     "paste_supervision": mode})
+        state.copy_paste.bank.push(_bank_entry())
+        real_forward = loss.forward
+        captured = {}
+
+        def capture(inputs, real_forward=real_forward, captured=captured):
+            captured["inputs"] = inputs
+            return real_forward(inputs)
+
+        monkeypatch.setattr(loss, "forward", capture)
+        losses, targets = _step(model, loss, state, iteration=0)
+        inputs = captured["inputs"]
+        pasted = inputs.gt_pasted
+        assert int(pasted.sum()) > 0 and ("regions" in targets[0]) == (mode == "region")
+        if mode == "box":
+            assert seen["rows"] == int((~pasted).sum())
+            assert "gt_regions_full" not in inputs.extras
+        else:
+            assert seen["rows"] == int(pasted.numel())
+            # a pasted row's box supervision is its pseudo mask, sampled as the GT masks are
+            assert torch.equal(inputs.gt_boxmasks[pasted], inputs.gt_bitmasks[pasted])
+            assert not torch.equal(inputs.gt_boxmasks[pasted].bool().any(dim=(1, 2)),
+                                   torch.zeros(int(pasted.sum()), dtype=torch.bool))
+        state.after_step(model, 0)
+        banked = [label for e in state.copy_paste.bank.entries for label in e["labels"].tolist()]
+        # label 1 is the pasted instance of _bank_entry(); the batch's own GTs have labels 0 and 2
+        assert (1 in banked[1:]) == (mode == "region")
+        if mode == "region":
+            for e in list(state.copy_paste.bank.entries)[1:]:
+                k = e["labels"].tolist().index(1)
+                ox, oy = e["origins"][k].tolist()
+                mask = e["masks"][k]
+                pseudo = _bank_entry()["masks"][0]  # pasted at (50, 30): the region is that pseudo mask
+                assert torch.equal(mask, pseudo[oy - 30:oy - 30 + mask.shape[0], ox - 50:ox - 50 + mask.shape[1]])
+
+
+def test_supervision_regions_replace_the_box_fill_and_centre_the_sampling():
+    """The detector's per-GT supervision: the filled box (``box_masks``) unless the target carries
+    ``regions``, then those rows sampled at the mask stride; ``center_sampling_center: mass`` then
+    centres on the regions' centres of mass (AdelaiDet's ``gt_bitmasks_full``). Bad shapes are named."""
+    from sim_core.model.condinst import box_masks, supervision_regions
+
+    boxes = torch.tensor([[4.0, 4.0, 20.0, 20.0], [8.0, 0.0, 30.0, 12.0]])
+    plain = [{"boxes": boxes[:1]}, {"boxes": boxes[1:]}]
+    assert torch.equal(supervision_regions(plain, boxes, 32, 32, 4), box_masks(boxes, 32, 32, 4))
+    region = torch.zeros(1, 30, 31, dtype=torch.bool)
+    region[0, 0:4, 8:16] = True  # samples at rows 2 and columns 10, 14
+    out = supervision_regions([plain[0], {"boxes": boxes[1:], "regions": region}], boxes, 32, 32, 4)
+    assert torch.equal(out[0], box_masks(boxes[:1], 32, 32, 4)[0])
+    assert torch.nonzero(out[1]).tolist() == [[0, 2], [0, 3]]
+    with pytest.raises(ValueError, match="regions"):
+        supervision_regions([plain[0], {"boxes": boxes[1:], "regions": region[0]}], boxes, 32, 32, 4)
+    centres = CondInst._mass_centres({"boxes": boxes[1:], "regions": region}, boxes[1:], 32, 32, False)
+    assert centres.tolist() == [[11.5, 1.5]]

@@ -29,6 +29,16 @@ uint8 ``[3, h, w]``, targets with ``boxes``/``labels``/``masks``):
   ``masks`` = their pseudo mask, box = the tight box of that mask (the pixels
   actually pasted), and ``pasted = True``; a new bool key ``pasted`` ``[N]``
   marks them (the detector passes it on as ``MaskLossInputs.gt_pasted``).
+  With ``regions=True`` (``sim.paste_supervision: region``, the released
+  code's ``copypaste.py``) every kept instance also gets a *supervision
+  region*, a bool ``regions`` row ``[N, h, w]``: an original object's box
+  fill (AdelaiDet's ``int(y1)..int(y2)`` rows and columns, inclusive) minus
+  the pasted pixels, a pasted instance's pseudo mask; every box becomes the
+  tight box of its region (so a box with integer corners the paste does not
+  touch grows by one pixel right and down, as the release's
+  ``extract_bboxes`` makes it), and an object whose region is empty is
+  dropped. The detector then supervises those instances by their region
+  instead of their filled box (``sim_core.model.condinst.supervision_regions``).
 - :class:`CopyPaste` - the per-batch decision (probability 0.5), the seeded
   generator, the bank, and their state for checkpoints.
 
@@ -67,10 +77,26 @@ def tight_box(mask: Tensor, offset_x: int = 0, offset_y: int = 0) -> Tensor | No
                         dtype=torch.float32)
 
 
+def box_fill(box: Tensor, height: int, width: int) -> Tensor:
+    """Bool ``[height, width]`` filled box, rows ``int(y1)..int(y2)`` and columns ``int(x1)..int(x2)`` inclusive.
+
+    AdelaiDet's box mask (``bitmask_full[int(y1):int(y2 + 1), int(x1):int(x2 + 1)]``);
+    ``sim_core.model.condinst.box_masks`` samples the same fill at the mask stride.
+    """
+    x1, y1, x2, y2 = (int(math.floor(float(v))) for v in box)
+    out = torch.zeros((height, width), dtype=torch.bool, device=box.device)
+    out[max(y1, 0):max(y2 + 1, 0), max(x1, 0):max(x2 + 1, 0)] = True
+    return out
+
+
 def make_bank_entry(image: Tensor, boxes: Tensor, labels: Tensor, instance_probs: Tensor,
-                    thresh: float = 0.7) -> dict[str, Any] | None:
+                    thresh: float = 0.7, regions: Tensor | None = None) -> dict[str, Any] | None:
     """One memory-bank entry from an image, its GT boxes/labels and the teacher's ``[n, h, w]`` probabilities.
 
+    ``regions`` (bool ``[n, h, w]``, optional): each instance's supervision
+    region in a batch pasted with ``paste_supervision: region``; the pseudo
+    mask is then also cut to it, as the release multiplies its bank masks by
+    ``gt_bitmasks_full``.
     Instances whose pseudo mask is empty are skipped; None when none is left.
     All values are tensors, lists and ints, so entries survive
     ``torch.load(weights_only=True)``.
@@ -85,6 +111,8 @@ def make_bank_entry(image: Tensor, boxes: Tensor, labels: Tensor, instance_probs
             continue
         probs = instance_probs[k, y0:y1, x0:x1].float()
         mask = probs > thresh
+        if regions is not None:
+            mask &= regions[k, y0:y1, x0:x1].bool()
         if not bool(mask.any()):
             continue
         crops.append(image[:, y0:y1, x0:x1].clone())
@@ -146,10 +174,11 @@ def select_instances(scores: Tensor, fraction: float, generator: torch.Generator
 
 
 def paste_instances(image: Tensor, target: dict[str, Any], entry: dict[str, Any],
-                    indices: Tensor | list[int]) -> tuple[Tensor, dict[str, Any]]:
+                    indices: Tensor | list[int], regions: bool = False) -> tuple[Tensor, dict[str, Any]]:
     """Paste ``entry``'s instances ``indices`` (in that order, later on top) onto ``image``.
 
-    Returns the new image and target; see the module docstring for the rules.
+    Returns the new image and target; see the module docstring for the rules
+    (``regions``: add the supervision regions and box every instance by its region).
     The inputs are not modified.
     """
     _, h, w = image.shape
@@ -187,13 +216,15 @@ def paste_instances(image: Tensor, target: dict[str, Any], entry: dict[str, Any]
     was_pasted = target.get("pasted")
     was_pasted = was_pasted.clone() if was_pasted is not None else torch.zeros(n, dtype=torch.bool)
 
-    keep, new_boxes = [], []
+    keep, new_boxes, kept_regions = [], [], []
     for i in range(n):
-        if was_pasted[i]:  # an earlier pasted instance: its region is its pseudo mask
-            visible = masks[i].bool() & ~alpha
-            if not bool(visible.any()):
+        if was_pasted[i] or regions:
+            # an earlier pasted instance's region is its pseudo mask; with regions, an original's is its box fill
+            region = (masks[i].bool() if was_pasted[i] else box_fill(boxes[i], h, w)) & ~alpha
+            if not bool(region.any()):
                 continue
-            new_boxes.append(tight_box(visible))
+            new_boxes.append(tight_box(region))
+            kept_regions.append(region)
             keep.append(i)
             continue
         x0, y0, x1, y1 = box_pixel_region(boxes[i], h, w)
@@ -218,6 +249,7 @@ def paste_instances(image: Tensor, target: dict[str, Any], entry: dict[str, Any]
         if box is None:  # covered entirely by a later pasted instance
             continue
         out_boxes.append(box)
+        kept_regions.append(full)
         out_masks.append(full.to(masks.dtype).unsqueeze(0))
         out_labels.append(torch.tensor([label], dtype=target["labels"].dtype))
         out_pasted.append(torch.ones(1, dtype=torch.bool))
@@ -226,6 +258,9 @@ def paste_instances(image: Tensor, target: dict[str, Any], entry: dict[str, Any]
     result["labels"] = torch.cat([t.to(target["labels"].device) for t in out_labels])
     result["masks"] = torch.cat(out_masks)
     result["pasted"] = torch.cat([t.cpu() for t in out_pasted]).to(result["labels"].device)
+    if regions:
+        result["regions"] = (torch.stack(kept_regions) if kept_regions
+                             else torch.zeros((0, h, w), dtype=torch.bool, device=image.device))
     return image, result
 
 
@@ -233,7 +268,10 @@ class CopyPaste:
     """The bank plus the random decisions of tailored copy-paste, with checkpointable state."""
 
     def __init__(self, bank_size: int = 100, paste_prob: float = 0.5, paste_fraction: float = 0.25,
-                 max_paste: int = 3, score_power: float = 1.0, seed: int = 0, paste_when_full: bool = False):
+                 max_paste: int = 3, score_power: float = 1.0, seed: int = 0, paste_when_full: bool = False,
+                 supervision: str = "box"):
+        if supervision not in ("box", "region"):
+            raise ValueError(f"paste supervision must be 'box' or 'region', got {supervision!r}")
         if not 0.0 <= paste_prob <= 1.0:
             raise ValueError(f"paste probability must lie in [0, 1], got {paste_prob}")
         if not 0.0 < paste_fraction <= 1.0:
@@ -244,12 +282,14 @@ class CopyPaste:
         self.max_paste = int(max_paste)
         self.score_power = float(score_power)
         self.paste_when_full = bool(paste_when_full)
+        self.supervision = supervision
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def __call__(self, images: list[Tensor], targets: list[dict[str, Any]]) -> tuple[list[Tensor], list[dict]]:
         """With probability ``paste_prob`` per batch, paste onto every image from its own random bank entry.
 
-        Every returned target has a ``pasted`` key (all False when nothing was pasted).
+        Every returned target has a ``pasted`` key (all False when nothing was pasted);
+        with ``supervision="region"`` a pasted batch's targets also get ``regions``.
         With ``paste_when_full`` (the released code) nothing is pasted until the
         bank holds ``bank_size`` entries.
         """
@@ -261,7 +301,8 @@ class CopyPaste:
                 entry = self.bank.sample(self.generator)
                 chosen = select_instances(entry["scores"], self.paste_fraction, self.generator,
                                           self.max_paste, self.score_power)
-                image, target = paste_instances(image, target, entry, chosen)
+                image, target = paste_instances(image, target, entry, chosen,
+                                                regions=self.supervision == "region")
             elif "pasted" not in target:
                 target = dict(target)
                 target["pasted"] = torch.zeros(target["boxes"].shape[0], dtype=torch.bool,

@@ -265,7 +265,10 @@ class CondInst(nn.Module):
         """FCOS targets for a batch (``targets`` as the dataset returns them).
 
         ``mask_centres``: the method trains on masks, so ``center_sampling_center: mass`` takes the centre of
-        mass of each target's mask (of its box, filled at whole pixels, when the mask is empty).
+        mass of each target's mask (of its box, filled at whole pixels, when the mask is empty). A target
+        with supervision ``regions`` (SIM's pasted batches, ``sim.paste_supervision: region``) takes their
+        centres of mass instead: AdelaiDet centres on ``gt_bitmasks_full``, which the release's copy-paste
+        sets to those regions.
         """
         boxes = [t["boxes"].reshape(-1, 4) for t in targets]
         labels = [t["labels"].reshape(-1) for t in targets]
@@ -285,6 +288,8 @@ class CondInst(nn.Module):
     def _mass_centres(target: dict[str, Tensor], boxes: Tensor, pad_h: int, pad_w: int, use_masks: bool) -> Tensor:
         centres = raster_box_centres(boxes, pad_h, pad_w)
         masks = target.get("masks")
+        if target.get("regions") is not None:
+            masks, use_masks = target["regions"], True
         if use_masks and masks is not None and len(masks) == len(boxes) and len(boxes):
             filled = (masks.reshape(len(boxes), -1) > 0).any(dim=1).to(centres.device)
             centres = torch.where(filled[:, None], mask_mass_centres(masks).to(centres.device), centres)
@@ -331,7 +336,11 @@ class CondInst(nn.Module):
         ``inputs.extras`` carries ``outputs`` (DetectorOutputs), ``assignment``
         (FCOSAssignment), ``sampled`` (indices into its positives, aligned with
         the mask rows), ``preprocessed``, ``gt_has_mask`` ([P] bool: the target
-        had instance masks), ``teacher`` when given, and every entry of ``extras``.
+        had instance masks), ``gt_regions`` (``[G, H/4, W/4]``, every GT's
+        supervision region, see :func:`supervision_regions`; ``gt_boxmasks`` is
+        its sampled rows), ``gt_regions_full`` (only when a target carries
+        ``regions``: those full-resolution rows per image, None for the
+        others), ``teacher`` when given, and every entry of ``extras``.
         """
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
@@ -356,14 +365,16 @@ class CondInst(nn.Module):
             pasted = torch.cat([t["pasted"].to(a.gt_boxes.device).bool().reshape(-1) if "pasted" in t
                                 else torch.zeros(len(t["boxes"]), dtype=torch.bool, device=a.gt_boxes.device)
                                 for t in targets])[gt]
+        regions = supervision_regions(targets, a.gt_boxes, pad_h, pad_w, MASK_STRIDE)
         inputs = MaskLossInputs(
             mask_logits=logits, mask_feats=out.mask_feats, gt_boxes=a.gt_boxes[gt], gt_labels=a.gt_labels[gt],
-            gt_inds=gt, im_inds=im, gt_bitmasks=bitmasks[gt],
-            gt_boxmasks=box_masks(a.gt_boxes[gt], pad_h, pad_w, MASK_STRIDE),
+            gt_inds=gt, im_inds=im, gt_bitmasks=bitmasks[gt], gt_boxmasks=regions[gt],
             images_raw=pre.images_raw, images_norm=pre.images_norm, image_valid=pre.image_valid,
             iteration=int(iteration), max_iter=int(max_iter), gt_pasted=pasted, diagnose=bool(diagnose))
         inputs.extras.update({"outputs": out, "assignment": a, "sampled": sampled, "preprocessed": pre,
-                              "gt_has_mask": has_mask[gt]})
+                              "gt_has_mask": has_mask[gt], "gt_regions": regions})
+        if any("regions" in t for t in targets):
+            inputs.extras["gt_regions_full"] = [t.get("regions") for t in targets]
         if teacher is not None:
             inputs.extras["teacher"] = teacher
         inputs.extras.update(extras or {})
@@ -406,6 +417,36 @@ class CondInst(nn.Module):
             return results
         finally:
             self.train(was_training)
+
+
+def supervision_regions(targets: list[dict[str, Any]], gt_boxes: Tensor, pad_h: int, pad_w: int,
+                        stride: int) -> Tensor:
+    """Where each GT's box supervision applies, at ``stride`` ``[G, H/s, W/s]`` (batch-flat GT order).
+
+    The filled box (:func:`box_masks`) unless the GT's target carries a
+    ``regions`` row (SIM's copy-paste with ``sim.paste_supervision: region``,
+    as the released code supervises a pasted batch: an occluded box minus
+    the pasted pixels, a pasted instance's pseudo mask), sampled at
+    ``s//2 + s*i`` as the box fill is.
+    """
+    out = box_masks(gt_boxes, pad_h, pad_w, stride)
+    if not any("regions" in t for t in targets):
+        return out
+    hs, ws = pad_h // stride, pad_w // stride
+    start = stride // 2
+    offset = 0
+    for t in targets:
+        g = len(t["boxes"])
+        r = t.get("regions")
+        if r is not None:
+            if r.dim() != 3 or r.shape[0] != g or r.shape[1] > pad_h or r.shape[2] > pad_w:
+                raise ValueError(f"target regions must be [{g}, h, w] within the padded batch "
+                                 f"{pad_h}x{pad_w}, got shape {tuple(r.shape)}")
+            small = r[:, start::stride, start::stride].to(device=out.device, dtype=out.dtype)
+            out[offset:offset + g] = 0.0
+            out[offset:offset + g, :small.shape[1], :small.shape[2]] = small
+        offset += g
+    return out
 
 
 def gt_bitmasks(targets: list[dict[str, Any]], pad_h: int, pad_w: int, stride: int,

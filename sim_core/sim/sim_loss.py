@@ -16,7 +16,10 @@ Per batch (paper Fig. 2):
 3. ``M_S`` per GT from the teacher's features and the class prototypes;
 4. ``M = (1 - alpha) M_S + alpha M_I`` -> targets and weights (ignore band);
 5. ``L_pseudo`` on the sampled instances that were not pasted (pasted ones
-   have a real mask target and get ``L_paste`` instead);
+   have a real mask target and get ``L_paste`` instead; with
+   ``sim.paste_supervision: region`` on them too, as the release does, and
+   every box term of a pasted batch reads the supervision regions the
+   detector passes as ``gt_boxmasks`` / ``extras["gt_regions"]``);
 6. bookkeeping for after the optimiser step: the Sinkhorn statistics of the
    student's confident pixel features (for the prototype update) and the
    teacher's ``M_I`` with the image (for the copy-paste bank).
@@ -65,9 +68,10 @@ class SIMStepRecord:
     gt_labels: Tensor  # [G]
     gt_im_inds: Tensor  # [G]
     instance_maps: Tensor  # [G, H/4, W/4] teacher M_I
-    bankable: Tensor  # [G] bool: has positives and was not pasted
+    bankable: Tensor  # [G] bool: has positives and was not pasted (paste_supervision region: pasted too)
     iteration: int = 0
     max_iter: int = 1
+    regions: list[Tensor | None] | None = None  # per image: full-resolution supervision regions of its GTs
 
 
 def valid_at_mask_stride(image_valid: Tensor, stride: int = MASK_STRIDE) -> Tensor:
@@ -177,7 +181,9 @@ class SIMLoss(nn.Module):
             raise ValueError(f"teacher masks {tuple(M_I.shape[-2:])} differ from student masks "
                              f"{tuple(logits.shape[-2:])}")
         pad_h, pad_w = inputs.images_norm.shape[-2:]
-        gt_box_masks = box_masks(a.gt_boxes, pad_h, pad_w, MASK_STRIDE)
+        gt_box_masks = inputs.extras.get("gt_regions")  # the filled boxes, or regions in a pasted batch
+        if gt_box_masks is None:
+            gt_box_masks = box_masks(a.gt_boxes, pad_h, pad_w, MASK_STRIDE)
         valid = valid_at_mask_stride(inputs.image_valid)[a.gt_im_inds]
         if inputs.diagnose:
             self.last_quality.update(self.pseudo_quality(inputs, pred, prototypes, a, M_I, gt_box_masks))
@@ -194,7 +200,7 @@ class SIMLoss(nn.Module):
             target, pix_w = pseudo_labels(M, gt_box_masks, tau_high, s.tau_low, s.outside_box_weight, valid)
             gt = inputs.gt_inds
             rows_w = pix_w[gt]
-            if inputs.gt_pasted is not None:
+            if inputs.gt_pasted is not None and s.paste_supervision == "box":  # region: pasted ones too (release)
                 rows_w = rows_w * (~inputs.gt_pasted).to(rows_w.dtype).view(-1, 1, 1)
             keep = rows_w.flatten(1).sum(dim=1) > 0
             if keep.any():
@@ -278,7 +284,7 @@ class SIMLoss(nn.Module):
             pasted = torch.zeros_like(has_pos)
             if inputs.gt_pasted is not None:
                 pasted[inputs.gt_inds[inputs.gt_pasted]] = True
-            bankable = has_pos & ~pasted
+            bankable = has_pos & ~pasted if s.paste_supervision == "box" else has_pos
             pre = inputs.extras.get("preprocessed")
             sizes = pre.sizes if pre is not None else [tuple(inputs.images_raw.shape[-2:])] * inputs.images_raw.shape[0]
             images = [inputs.images_raw[b, :, :h, :w].round().clamp(0, 255).to(torch.uint8)
@@ -286,4 +292,5 @@ class SIMLoss(nn.Module):
         return SIMStepRecord(proto_sums=sums, proto_counts=counts, images=images, gt_boxes=a.gt_boxes.detach(),
                              gt_labels=a.gt_labels, gt_im_inds=a.gt_im_inds,
                              instance_maps=M_I if s.copy_paste else M_I.new_zeros((0,) + tuple(M_I.shape[1:])),
-                             bankable=bankable, iteration=inputs.iteration, max_iter=inputs.max_iter)
+                             bankable=bankable, iteration=inputs.iteration, max_iter=inputs.max_iter,
+                             regions=inputs.extras.get("gt_regions_full") if s.copy_paste else None)

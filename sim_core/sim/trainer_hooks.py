@@ -75,7 +75,8 @@ class SIMTrainingState:
         self.prototypes = PrototypeBank(num_classes, s.num_prototypes, int(dim), s.proto_momentum,
                                         s.sinkhorn_eps, s.sinkhorn_iters, seed=seed).to(device)
         self.copy_paste = CopyPaste(s.bank_size, s.paste_prob, s.paste_fraction, s.max_paste,
-                                    s.paste_score_power, seed=seed, paste_when_full=s.paste_when_full)
+                                    s.paste_score_power, seed=seed, paste_when_full=s.paste_when_full,
+                                    supervision=s.paste_supervision)
         self.records: list[SIMStepRecord] = []
         if isinstance(mask_loss, SIMLoss):
             mask_loss.attach(self.teacher, self.prototypes, self.records)
@@ -155,8 +156,12 @@ class SIMTrainingState:
                 continue
             h, w = rec.images[b].shape[-2:]
             full = upsampled[rows, :h, :w]
+            regions = None
+            if rec.regions is not None and rec.regions[b] is not None:  # rows of image b, in its own order
+                first = int(torch.count_nonzero(rec.gt_im_inds < b))
+                regions = rec.regions[b][(rows - first).cpu()].cpu()[:, :h, :w]
             entry = make_bank_entry(rec.images[b].cpu(), rec.gt_boxes[rows].cpu(), rec.gt_labels[rows].cpu(),
-                                    full.cpu(), self.settings.confident_thresh)
+                                    full.cpu(), self.settings.confident_thresh, regions=regions)
             for _ in range(batch if last_only else 1):
                 self.copy_paste.bank.push(entry)
 

@@ -68,6 +68,7 @@ PAPER: dict[str, Any] = {
     "paste_score_power": 1.0,
     "paste_when_full": False,  # paste only once the bank holds bank_size entries (released code)
     "bank_entries": "per_image",  # one entry per image | every entry of a batch the batch's last image (release)
+    "paste_supervision": "box",  # a pasted batch's boxes supervise | regions: box minus pasted pixels (release)
     # BoxInst pairwise term inside SIM (null: BoxInst's own colour threshold)
     "pairwise_color_thresh": None,
     "pairwise_feature_similarity": False,
@@ -113,6 +114,7 @@ _CHOICES = {
     "teacher_head_input": ("teacher", "student"),
     "prototype_updates": ("iteration", "image"),
     "bank_entries": ("per_image", "last_image"),
+    "paste_supervision": ("box", "region"),
 }
 _UNIT_INTERVAL = ("alpha", "tau_high", "tau_high_max", "tau_low", "confident_thresh", "ema_momentum",
                   "proto_momentum", "paste_prob", "pseudo_start_frac", "outside_box_weight")
@@ -160,6 +162,7 @@ class SIMSettings:
     paste_score_power: float
     paste_when_full: bool
     bank_entries: str
+    paste_supervision: str
     pairwise_color_thresh: float | None
     pairwise_feature_similarity: bool
 
