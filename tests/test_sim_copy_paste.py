@@ -169,3 +169,25 @@ def test_bank_entry_cuts_pseudo_masks_to_the_supervision_regions():
                            torch.tensor([3]), probs, regions=torch.zeros(1, 6, 6, dtype=torch.bool)) is None
     with pytest.raises(ValueError, match="paste supervision"):
         CopyPaste(supervision="mask")
+
+
+def test_release_draws_repeat_instances_and_keep_every_pasted_mask_whole():
+    """``sim.paste_draws: release``: the released ``random.choices`` draws with replacement, and its
+    ``masks_copy_paste`` keeps every pasted pseudo mask whole, so an instance drawn twice becomes two
+    identical GTs; simbench's default lets the later copy cover the earlier one, which is then dropped."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert select_instances(scores, 0.5, g, replacement=True).tolist() == [0, 0, 0]
+    assert len(set(select_instances(scores, 0.5, g).tolist())) == 3
+    entry = _entry()
+    target = {"boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0]]), "labels": torch.tensor([0]),
+              "masks": torch.zeros(1, 10, 10, dtype=torch.uint8)}
+    _, whole = paste_instances(torch.zeros(3, 10, 10, dtype=torch.uint8), target, entry, [0, 0],
+                               regions=True, keep_whole=True)
+    assert whole["labels"].tolist() == [0, 4, 4] and whole["pasted"].tolist() == [False, True, True]
+    assert torch.equal(whole["masks"][1], whole["masks"][2]) and int(whole["masks"][1].sum()) == 18
+    assert torch.equal(whole["regions"][1], whole["regions"][2])
+    _, cut = paste_instances(torch.zeros(3, 10, 10, dtype=torch.uint8), target, entry, [0, 0])
+    assert cut["labels"].tolist() == [0, 4]
+    with pytest.raises(ValueError, match="paste draws"):
+        CopyPaste(draws="twice")

@@ -494,3 +494,23 @@ def test_supervision_regions_replace_the_box_fill_and_centre_the_sampling():
         supervision_regions([plain[0], {"boxes": boxes[1:], "regions": region[0]}], boxes, 32, 32, 4)
     centres = CondInst._mass_centres({"boxes": boxes[1:], "regions": region}, boxes[1:], 32, 32, False)
     assert centres.tolist() == [[11.5, 1.5]]
+
+
+def test_instance_map_from_the_sampled_positives_only():
+    """``sim.instance_map_positives: sampled`` (the release's ``scatter_mean`` over the sampled rows):
+    ``M_I`` averages the teacher's masks at the given positives only; a SIM step runs with it."""
+    from sim_core.sim.teacher import TeacherPredictions, instance_maps
+
+    probs = torch.stack([torch.full((4, 4), v) for v in (0.2, 0.4, 0.9, 0.6)])
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 4.0, 16.0, 16.0]])
+    pred = TeacherPredictions(mask_feats=torch.zeros(1, 2, 2, 2), pos_probs=probs, pos_boxes=boxes[[0, 0, 0, 1]],
+                              pos_gt_inds=torch.tensor([0, 0, 0, 1]), num_gts=2)
+    every, _ = instance_maps(pred, boxes, mu=0.0)
+    sampled, has_pos = instance_maps(pred.at_rows(torch.tensor([1, 2, 3])), boxes, mu=0.0)
+    assert every[0, 0, 0].item() == pytest.approx(0.5) and sampled[0, 0, 0].item() == pytest.approx(0.65)
+    assert sampled[1, 0, 0].item() == pytest.approx(0.6) and has_pos.tolist() == [True, True]
+    model, loss, state = _setup({"pseudo_start_frac": 0.0, "instance_map_positives": "sampled",
+                                 "paste_draws": "release", "paste_prob": 1.0})
+    state.copy_paste.bank.push(_bank_entry())
+    losses, _ = _step(model, loss, state, iteration=0)
+    assert all(math.isfinite(float(v.detach())) for v in losses.values()) and losses["loss_pseudo"].item() > 0

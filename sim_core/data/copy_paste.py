@@ -44,8 +44,9 @@ uint8 ``[3, h, w]``, targets with ``boxes``/``labels``/``masks``):
 
 Deviations from the released code (docs/sim.md): sampling is without
 replacement (the released ``random.choices`` may paste one instance twice,
-creating duplicate GTs), and the bank is a plain FIFO of the images just
-trained on.
+creating duplicate GTs; ``CopyPaste(draws="release")`` does that, and keeps
+every pasted pseudo mask whole as the release does), and the bank is a
+plain FIFO of the images just trained on.
 """
 from __future__ import annotations
 
@@ -163,22 +164,29 @@ class InstanceBank:
 
 
 def select_instances(scores: Tensor, fraction: float, generator: torch.Generator, max_count: int = 3,
-                     power: float = 1.0) -> Tensor:
-    """Indices of ``clamp(int(n * fraction), 1, max_count)`` instances, score-weighted, no repeats."""
+                     power: float = 1.0, replacement: bool = False) -> Tensor:
+    """Indices of ``clamp(int(n * fraction), 1, max_count)`` instances, score-weighted, no repeats.
+
+    ``replacement``: the released code's ``random.choices`` (one instance may be drawn twice).
+    """
     n = int(scores.numel())
     if n == 0:
         return torch.zeros(0, dtype=torch.long)
     count = min(n, max_count, max(1, int(n * fraction)))
     weights = scores.float().clamp(min=0.0) ** power + 1e-6
-    return torch.multinomial(weights, count, replacement=False, generator=generator)
+    return torch.multinomial(weights, count, replacement=replacement, generator=generator)
 
 
 def paste_instances(image: Tensor, target: dict[str, Any], entry: dict[str, Any],
-                    indices: Tensor | list[int], regions: bool = False) -> tuple[Tensor, dict[str, Any]]:
+                    indices: Tensor | list[int], regions: bool = False,
+                    keep_whole: bool = False) -> tuple[Tensor, dict[str, Any]]:
     """Paste ``entry``'s instances ``indices`` (in that order, later on top) onto ``image``.
 
     Returns the new image and target; see the module docstring for the rules
-    (``regions``: add the supervision regions and box every instance by its region).
+    (``regions``: add the supervision regions and box every instance by its region;
+    ``keep_whole``: every pasted instance keeps its whole pseudo mask, a later one
+    does not cut an earlier one, so an index given twice gives two identical GTs,
+    as the released ``masks_copy_paste`` does).
     The inputs are not modified.
     """
     _, h, w = image.shape
@@ -203,7 +211,7 @@ def paste_instances(image: Tensor, target: dict[str, Any], entry: dict[str, Any]
         image[:, y0:y1, x0:x1] = torch.where(sub_mask.unsqueeze(0), sub_crop.to(image.dtype), region)
         full = torch.zeros((h, w), dtype=torch.bool, device=image.device)
         full[y0:y1, x0:x1] = sub_mask
-        for earlier in pasted_masks:  # the new instance lies on top of earlier pasted ones
+        for earlier in ([] if keep_whole else pasted_masks):  # the new instance lies on top of earlier ones
             earlier &= ~full
         alpha |= full
         pasted_masks.append(full)
@@ -269,9 +277,11 @@ class CopyPaste:
 
     def __init__(self, bank_size: int = 100, paste_prob: float = 0.5, paste_fraction: float = 0.25,
                  max_paste: int = 3, score_power: float = 1.0, seed: int = 0, paste_when_full: bool = False,
-                 supervision: str = "box"):
+                 supervision: str = "box", draws: str = "distinct"):
         if supervision not in ("box", "region"):
             raise ValueError(f"paste supervision must be 'box' or 'region', got {supervision!r}")
+        if draws not in ("distinct", "release"):
+            raise ValueError(f"paste draws must be 'distinct' or 'release', got {draws!r}")
         if not 0.0 <= paste_prob <= 1.0:
             raise ValueError(f"paste probability must lie in [0, 1], got {paste_prob}")
         if not 0.0 < paste_fraction <= 1.0:
@@ -283,6 +293,7 @@ class CopyPaste:
         self.score_power = float(score_power)
         self.paste_when_full = bool(paste_when_full)
         self.supervision = supervision
+        self.draws = draws
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def __call__(self, images: list[Tensor], targets: list[dict[str, Any]]) -> tuple[list[Tensor], list[dict]]:
@@ -299,10 +310,11 @@ class CopyPaste:
         for image, target in zip(images, targets):
             if do_paste:
                 entry = self.bank.sample(self.generator)
+                release_draws = self.draws == "release"
                 chosen = select_instances(entry["scores"], self.paste_fraction, self.generator,
-                                          self.max_paste, self.score_power)
+                                          self.max_paste, self.score_power, replacement=release_draws)
                 image, target = paste_instances(image, target, entry, chosen,
-                                                regions=self.supervision == "region")
+                                                regions=self.supervision == "region", keep_whole=release_draws)
             elif "pasted" not in target:
                 target = dict(target)
                 target["pasted"] = torch.zeros(target["boxes"].shape[0], dtype=torch.bool,

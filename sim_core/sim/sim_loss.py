@@ -176,7 +176,9 @@ class SIMLoss(nn.Module):
         else:
             losses = {"loss_proj": zero, "loss_pairwise": zero.clone()}
 
-        M_I, has_pos = instance_maps(pred, a.gt_boxes, s.mu)
+        # the release averages the teacher's masks at the student's sampled (top-k) positives only
+        at = pred.at_rows(inputs.extras["sampled"]) if s.instance_map_positives == "sampled" else pred
+        M_I, has_pos = instance_maps(at, a.gt_boxes, s.mu)
         if M_I.shape[-2:] != logits.shape[-2:]:
             raise ValueError(f"teacher masks {tuple(M_I.shape[-2:])} differ from student masks "
                              f"{tuple(logits.shape[-2:])}")

@@ -34,6 +34,12 @@ class TeacherPredictions:
     pos_gt_inds: Tensor  # [K] batch-flat GT index of each positive
     num_gts: int
 
+    def at_rows(self, rows: Tensor) -> "TeacherPredictions":
+        """The same predictions at the positives ``rows`` only (e.g. the student's sampled ones)."""
+        return TeacherPredictions(mask_feats=self.mask_feats, pos_probs=self.pos_probs[rows],
+                                  pos_boxes=self.pos_boxes[rows], pos_gt_inds=self.pos_gt_inds[rows],
+                                  num_gts=self.num_gts)
+
 
 def teacher_network(teacher: nn.Module) -> nn.Module:
     """The CondInst inside an :class:`EMATeacher` (or the network itself)."""

@@ -76,7 +76,7 @@ class SIMTrainingState:
                                         s.sinkhorn_eps, s.sinkhorn_iters, seed=seed).to(device)
         self.copy_paste = CopyPaste(s.bank_size, s.paste_prob, s.paste_fraction, s.max_paste,
                                     s.paste_score_power, seed=seed, paste_when_full=s.paste_when_full,
-                                    supervision=s.paste_supervision)
+                                    supervision=s.paste_supervision, draws=s.paste_draws)
         self.records: list[SIMStepRecord] = []
         if isinstance(mask_loss, SIMLoss):
             mask_loss.attach(self.teacher, self.prototypes, self.records)

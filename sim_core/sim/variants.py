@@ -69,6 +69,8 @@ PAPER: dict[str, Any] = {
     "paste_when_full": False,  # paste only once the bank holds bank_size entries (released code)
     "bank_entries": "per_image",  # one entry per image | every entry of a batch the batch's last image (release)
     "paste_supervision": "box",  # a pasted batch's boxes supervise | regions: box minus pasted pixels (release)
+    "paste_draws": "distinct",  # no repeats, later pastes cut earlier | with replacement, masks whole (release)
+    "instance_map_positives": "all",  # M_I over every positive of the GT | the sampled ones only (release)
     # BoxInst pairwise term inside SIM (null: BoxInst's own colour threshold)
     "pairwise_color_thresh": None,
     "pairwise_feature_similarity": False,
@@ -115,6 +117,8 @@ _CHOICES = {
     "prototype_updates": ("iteration", "image"),
     "bank_entries": ("per_image", "last_image"),
     "paste_supervision": ("box", "region"),
+    "paste_draws": ("distinct", "release"),
+    "instance_map_positives": ("all", "sampled"),
 }
 _UNIT_INTERVAL = ("alpha", "tau_high", "tau_high_max", "tau_low", "confident_thresh", "ema_momentum",
                   "proto_momentum", "paste_prob", "pseudo_start_frac", "outside_box_weight")
@@ -163,6 +167,8 @@ class SIMSettings:
     paste_when_full: bool
     bank_entries: str
     paste_supervision: str
+    paste_draws: str
+    instance_map_positives: str
     pairwise_color_thresh: float | None
     pairwise_feature_similarity: bool
 
