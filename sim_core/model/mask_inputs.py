@@ -46,7 +46,9 @@ class MaskLossInputs:
     gt_bitmasks: Tensor
     """[P, H/4, W/4] float GT instance mask at stride 4 (only ``mask`` may use it)."""
     gt_boxmasks: Tensor
-    """[P, H/4, W/4] float filled GT box at stride 4."""
+    """[P, H/4, W/4] float filled GT box at stride 4; in a batch pasted with
+    ``sim.paste_supervision: region``, the instance's supervision region
+    (``sim_core.model.condinst.supervision_regions``)."""
     # --- images -------------------------------------------------------------
     images_raw: Tensor
     """[B, 3, H, W] un-normalised RGB in [0, 255], zero in the padding."""
