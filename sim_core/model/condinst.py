@@ -432,7 +432,6 @@ def supervision_regions(targets: list[dict[str, Any]], gt_boxes: Tensor, pad_h: 
     out = box_masks(gt_boxes, pad_h, pad_w, stride)
     if not any("regions" in t for t in targets):
         return out
-    hs, ws = pad_h // stride, pad_w // stride
     start = stride // 2
     offset = 0
     for t in targets:
