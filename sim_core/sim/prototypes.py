@@ -61,6 +61,7 @@ class PrototypeBank(nn.Module):
         generator = torch.Generator().manual_seed(int(seed))
         init = torch.randn(num_classes, num_prototypes, dim, generator=generator)
         self.register_buffer("prototypes", F.normalize(init, dim=-1))
+        # momentum steps taken: one per iteration, or one per image with sim.prototype_updates: image
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
     @property
