@@ -57,6 +57,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sim_core.model.condinst import box_masks
+
 
 def box_pixel_region(box: Tensor | list[float], height: int, width: int) -> tuple[int, int, int, int]:
     """Integer pixel cover ``(x0, y0, x1, y1)`` (end-exclusive) of an xyxy box, clipped to the image."""
@@ -76,18 +78,6 @@ def tight_box(mask: Tensor, offset_x: int = 0, offset_y: int = 0) -> Tensor | No
     cols = torch.nonzero(mask.any(dim=0)).flatten()
     return torch.tensor([cols[0] + offset_x, rows[0] + offset_y, cols[-1] + 1 + offset_x, rows[-1] + 1 + offset_y],
                         dtype=torch.float32)
-
-
-def box_fill(box: Tensor, height: int, width: int) -> Tensor:
-    """Bool ``[height, width]`` filled box, rows ``int(y1)..int(y2)`` and columns ``int(x1)..int(x2)`` inclusive.
-
-    AdelaiDet's box mask (``bitmask_full[int(y1):int(y2 + 1), int(x1):int(x2 + 1)]``);
-    ``sim_core.model.condinst.box_masks`` samples the same fill at the mask stride.
-    """
-    x1, y1, x2, y2 = (int(math.floor(float(v))) for v in box)
-    out = torch.zeros((height, width), dtype=torch.bool, device=box.device)
-    out[max(y1, 0):max(y2 + 1, 0), max(x1, 0):max(x2 + 1, 0)] = True
-    return out
 
 
 def make_bank_entry(image: Tensor, boxes: Tensor, labels: Tensor, instance_probs: Tensor,
@@ -225,10 +215,12 @@ def paste_instances(image: Tensor, target: dict[str, Any], entry: dict[str, Any]
     was_pasted = was_pasted.clone() if was_pasted is not None else torch.zeros(n, dtype=torch.bool)
 
     keep, new_boxes, kept_regions = [], [], []
+    # AdelaiDet's box fill at full resolution (stride 1): rows and columns int(y1)..int(y2) inclusive
+    fills = box_masks(boxes, h, w, 1).bool() if regions else None
     for i in range(n):
         if was_pasted[i] or regions:
             # an earlier pasted instance's region is its pseudo mask; with regions, an original's is its box fill
-            region = (masks[i].bool() if was_pasted[i] else box_fill(boxes[i], h, w)) & ~alpha
+            region = (masks[i].bool() if was_pasted[i] else fills[i]) & ~alpha
             if not bool(region.any()):
                 continue
             new_boxes.append(tight_box(region))
