@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -83,20 +84,33 @@ def synthetic_batch(batch: int, size: int, seed: int = 0) -> tuple[list[torch.Te
 
 
 def _method_step(params: dict, method: str, images, targets, num_classes: int, iters: int,
-                 overrides: dict | None = None) -> float:
-    step = _make_method_step(params, method, images, targets, num_classes, overrides)
+                 overrides: dict | None = None, group_norm_in_input_type: bool = False) -> float:
+    step = _make_method_step(params, method, images, targets, num_classes, overrides,
+                             group_norm_in_input_type=group_norm_in_input_type)
     return time_it(step, iters, warmup=3 if method == "sim" else 2)
+
+
+def _group_norm_in_input_type(model: torch.nn.Module) -> None:
+    """Give ``model``'s GroupNorms ``nn.GroupNorm``'s forward (bfloat16 under CPU autocast): the code
+    path before ``GroupNorm32``, kept here so that the bench times both side by side."""
+    from sim_core.model.group_norm import GroupNorm32
+
+    for m in model.modules():
+        if isinstance(m, GroupNorm32):
+            m.forward = types.MethodType(torch.nn.GroupNorm.forward, m)
 
 
 def _make_method_step(params: dict, method: str, images, targets, num_classes: int,
                       overrides: dict | None = None,
-                      scope: Callable[[str], Any] | None = None) -> Callable[..., None]:
+                      scope: Callable[[str], Any] | None = None,
+                      group_norm_in_input_type: bool = False) -> Callable[..., None]:
     """A closure running one training iteration of ``method``; ``step(diagnose=True)`` also
     computes the supervision-quality diagnostics (as the trainer does on logged iterations).
 
     ``scope(name)`` (a context manager; default none) is opened around the backward pass and
     the optimiser step (``experiments/step_profile.py`` passes profiler scopes);
-    ``step.parts`` holds the model, loss, SIM state and optimiser the closure uses."""
+    ``step.parts`` holds the model, loss, SIM state and optimiser the closure uses;
+    ``group_norm_in_input_type``: the previous GroupNorm path (``_group_norm_in_input_type``)."""
     from sim_core.config import apply_overrides
     from sim_core.engine.schedule import build_optimizer
     from sim_core.engine.trainer import autocast_dtype, method_config
@@ -106,6 +120,8 @@ def _make_method_step(params: dict, method: str, images, targets, num_classes: i
     params = apply_overrides(params, overrides or {})
     torch.manual_seed(0)
     model = CondInst(num_classes, params["model"])
+    if group_norm_in_input_type:
+        _group_norm_in_input_type(model)  # before SIM copies the model into its teacher
     loss_fn = build_mask_loss(method, method_config(params, method))
     state = None
     if method == "sim":
@@ -145,8 +161,6 @@ def _make_method_step(params: dict, method: str, images, targets, num_classes: i
 
 METHOD_VARIANTS = [
     ("mask", "mask", {}),
-    ("mask_fp32", "mask", {"train.cpu_amp": False}),  # train.cpu_amp off and on: what bfloat16 autocast buys
-    ("mask_bf16", "mask", {"train.cpu_amp": True}),  # on this CPU (native with AMX/AVX512-BF16, emulated on AVX2)
     ("boxmask", "boxmask", {}),
     ("boxinst", "boxinst", {}),
     ("boxlevelset", "boxlevelset", {"boxlevelset.tree_filter": True}),
@@ -154,6 +168,16 @@ METHOD_VARIANTS = [
     ("sim", "sim", {}),
     ("sim_released_code", "sim", {"sim.variant": "released_code"}),
 ]
+# Each main method in the three precisions a demo step has had, side by side (issue 17):
+# ``_fp32`` (train.cpu_amp: false, the default on CPUs without native bfloat16), ``_bf16``
+# (bfloat16 autocast, GroupNorm in float32: ``auto`` with AMX/AVX512-BF16) and ``_bf16_gn_bf16``
+# (bfloat16 autocast with GroupNorm in bfloat16, the code path before GroupNorm32). On an
+# AVX2-only CPU the two bfloat16 rows are emulated and several times slower.
+PRECISION_METHODS = ("mask", "boxinst", "boxlevelset", "sim")
+PRECISION_VARIANTS = [(f"{method}{suffix}", method, {"train.cpu_amp": amp}, gn_in_input_type)
+                      for method in PRECISION_METHODS
+                      for suffix, amp, gn_in_input_type in (("_fp32", False, False), ("_bf16", True, False),
+                                                            ("_bf16_gn_bf16", True, True))]
 
 
 def bench_methods(s: BenchSettings) -> dict:
@@ -162,14 +186,18 @@ def bench_methods(s: BenchSettings) -> dict:
     images, targets = synthetic_batch(s.batch, s.size)
     num_classes = 6
     out: dict = {"unit": "seconds per training iteration", "batch": s.batch, "image_size": s.size}
-    for name, method, overrides in METHOD_VARIANTS:
+    variants = [(*v, False) for v in METHOD_VARIANTS] + PRECISION_VARIANTS
+    for name, method, overrides, gn_in_input_type in variants:
         if overrides.get("sim.variant") == "released_code":
             # a profile may set keys the variant fixes (e.g. a short pseudo-loss warm-up): use the variant's
             from sim_core.sim.variants import RELEASED_CODE
 
             overrides = {**overrides, **{f"sim.{k}": v for k, v in RELEASED_CODE.items()}}
+        if method == "boxlevelset":
+            overrides = {"boxlevelset.tree_filter": True, **overrides}
         try:
-            out[name] = round(_method_step(s.params, method, images, targets, num_classes, s.iters, overrides), 4)
+            out[name] = round(_method_step(s.params, method, images, targets, num_classes, s.iters, overrides,
+                                           group_norm_in_input_type=gn_in_input_type), 4)
         except Exception as exc:  # a variant that cannot run is reported, not hidden
             out[name] = f"failed: {type(exc).__name__}: {exc}"
     base = out.get("mask")

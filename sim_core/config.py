@@ -38,6 +38,8 @@ PROFILES_DIR = Path(__file__).resolve().parents[1] / "experiments" / "profiles"
 METHODS = ("mask", "boxmask", "boxinst", "boxlevelset", "sim")
 # Mappings whose keys are free-form (their entries are named by the user).
 FREE_MAPPINGS = ("runs", "report.paper_settings", "report.data_dirs", "upstream_runs")
+# Keys whose value may be a bool or a word; ``_check_train`` checks them instead of the type check.
+BOOL_OR_WORD = {"train.cpu_amp": ("auto",)}
 # A run name becomes a directory (runs/<name>) and a dvc stage name (train@<name>).
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 # Keys ``resolve_run`` fills from the run entry: an override of them would be ignored.
@@ -198,7 +200,7 @@ def _check_against(node: dict, ref: dict, prefix: str, source: str) -> None:
         if key not in ref:
             raise InputError(source, f"unknown params key {quote(dotted)}")
         expected = ref[key]
-        if expected is None or value is None:
+        if expected is None or value is None or dotted in BOOL_OR_WORD:
             continue
         if _kind(value) != _kind(expected):
             raise InputError(source, f"params key '{dotted}' must be a {_kind(expected)}, "
@@ -244,6 +246,11 @@ def _check_train(train: dict, source: str) -> None:
     if not (isinstance(runs_dir, str) and runs_dir.strip()):
         raise InputError(source, "params key 'train.runs_dir' must name the directory runs are written to "
                                  f"(e.g. 'runs'), got {quote(runs_dir)}")
+    for dotted, words in BOOL_OR_WORD.items():
+        value = train.get(dotted.removeprefix("train."), False)
+        if not (isinstance(value, bool) or value in words):
+            raise InputError(source, f"params key '{dotted}' must be true, false or {' or '.join(words)}, "
+                                     f"got {quote(value)}")
     device = train.get("device", "auto")
     if not (isinstance(device, str) and DEVICE_PATTERN.fullmatch(device)):
         raise InputError(source, "params key 'train.device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', "

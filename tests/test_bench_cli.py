@@ -16,8 +16,9 @@ def test_bench_writes_each_requested_section(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     data = json.loads(out.read_text())
     methods = data["methods"]
-    for name in ("mask", "mask_fp32", "mask_bf16", "boxmask", "boxinst", "boxlevelset", "boxlevelset_no_tree", "sim",
-                 "sim_released_code"):
+    precision_rows = [f"{m}_{p}" for m in ("mask", "boxinst", "boxlevelset", "sim") for p in ("fp32", "bf16", "bf16_gn_bf16")]
+    for name in ("mask", "boxmask", "boxinst", "boxlevelset", "boxlevelset_no_tree", "sim", "sim_released_code",
+                 *precision_rows):
         assert isinstance(methods[name], float) and methods[name] > 0, (name, methods[name])
     assert methods["relative_to_mask"]["mask"] == 1.0
     assert isinstance(data["machine"]["native_cpu_bfloat16"], bool)  # read beside the mask_bf16 row

@@ -90,6 +90,9 @@ TABLE = [
     ("null device", lambda p: p["train"].update(device=None), "", [], "mask_s0", ["train.device", "None"]),
     ("null runs_dir", lambda p: p["train"].update(runs_dir=None), "", [], "mask_s0", ["train.runs_dir"]),
     ("missing runs_dir", lambda p: p["train"].pop("runs_dir"), "", [], "mask_s0", ["train.runs_dir"]),
+    ("cpu_amp a word other than auto", lambda p: p["train"].update(cpu_amp="bf16"), "", [], "mask_s0",
+     ["train.cpu_amp", "true, false or auto", "'bf16'"]),
+    ("cpu_amp a number", None, "", ["--set", "train.cpu_amp=1"], "mask_s0", ["train.cpu_amp", "got 1"]),
 ]
 
 

@@ -86,6 +86,30 @@ def test_autocast_type_per_device():
             assert autocast_dtype(cpu, {"amp": True, "cpu_amp": True}) is torch.bfloat16
     assert autocast_dtype(cuda, {"amp": True, "cpu_amp": False}) is torch.float16
     assert autocast_dtype(cuda, {"amp": False, "cpu_amp": True}) is None
+    assert autocast_dtype(cuda, {"amp": False, "cpu_amp": "auto"}) is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_amp_auto_follows_native_bfloat16(monkeypatch, native):
+    import warnings
+
+    from sim_core.engine import trainer
+
+    monkeypatch.setattr(trainer, "native_cpu_bfloat16", lambda: native)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto never warns: it picks fp32 where bfloat16 would be emulated
+        dtype = trainer.autocast_dtype(torch.device("cpu"), {"cpu_amp": "auto"})
+    assert dtype is (torch.bfloat16 if native else None)
+    assert trainer.precision_name(dtype) == ("bfloat16 autocast" if native else "float32")
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None, "bf16"])
+def test_cpu_amp_rejects_other_values(bad):
+    from sim_core.engine.trainer import autocast_dtype
+    from sim_core.errors import InputError
+
+    with pytest.raises(InputError, match="train.cpu_amp: must be true, false or auto"):
+        autocast_dtype(torch.device("cpu"), {"cpu_amp": bad})
 
 
 def test_cpu_bfloat16_training_is_deterministic_and_really_mixed(smoke_params, tmp_path):
@@ -95,6 +119,8 @@ def test_cpu_bfloat16_training_is_deterministic_and_really_mixed(smoke_params, t
         _, run_dir = _run(smoke_params, "sim_s0", max_iter=3, cpu_amp=cpu_amp)
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _log(run_dir))
         weights[name] = torch.load(run_dir / "model.pt", weights_only=True)["model"]
+        stamp = json.loads((run_dir / "run.json").read_text())
+        assert stamp["precision"] == ("bfloat16 autocast" if cpu_amp else "float32")
     assert all(v.dtype != torch.bfloat16 for v in weights["bf16_a"].values())  # master weights stay fp32
     assert all(torch.equal(weights["bf16_a"][k], weights["bf16_b"][k]) for k in weights["fp32"])
     assert not all(torch.equal(weights["bf16_a"][k], weights["fp32"][k]) for k in weights["fp32"])

@@ -47,10 +47,28 @@ def package_versions() -> dict[str, str]:
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.processor() or platform.machine()} threads={torch.get_num_threads()}"
+    return f"cpu:{cpu_model()} threads={torch.get_num_threads()}"
 
 
-def run_stamp(params: dict, device: torch.device, world_size: int = 1) -> dict[str, Any]:
+def cpu_model() -> str:
+    """The CPU's model name and vector units (``/proc/cpuinfo`` on Linux, else ``platform``).
+
+    The CPU changes a run's numbers (oneDNN picks other kernels with AVX-512 than
+    with AVX2, and ``train.cpu_amp: auto`` trains in bfloat16 only with AMX or
+    AVX512-BF16; ``docs/statistics.md``), so the stamp names it."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = [unit for unit in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if unit in flags]
+    return " ".join([names[0] if names else platform.machine(), *units])
+
+
+def run_stamp(params: dict, device: torch.device, world_size: int = 1,
+              precision: str | None = None) -> dict[str, Any]:
+    """``precision``: what the trainer computed in (``train.cpu_amp: auto`` depends on the CPU)."""
     return {
         "run": params.get("run"),
         "method": params["train"]["method"],
@@ -61,6 +79,7 @@ def run_stamp(params: dict, device: torch.device, world_size: int = 1) -> dict[s
         "python": platform.python_version(),
         "device": describe_device(device),
         "world_size": world_size,
+        "precision": precision,
         "pretrained": weights_record(params.get("model") or {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "params": params,

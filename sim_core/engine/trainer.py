@@ -78,22 +78,38 @@ def autocast_dtype(device: torch.device, cfg: dict) -> torch.dtype | None:
     """The mixed-precision type of the forward pass, or None for full fp32.
 
     CUDA: float16 with a gradient scaler (``train.amp``), as the papers train.
-    CPU: bfloat16 when ``train.cpu_amp`` is set. Convolutions and matrix
-    products then run in bfloat16 (about 20 % faster per step on CPUs with
-    AMX/AVX512-BF16 units; measured 8x *slower* on an AVX2-only CPU, where
-    bfloat16 is emulated), while weights, optimiser state and the loss
-    reductions stay fp32. bfloat16 has fp32's range, so no gradient scaler is
-    needed. The packaged CPU profiles leave it off; asking for it on a CPU
-    without native bfloat16 warns.
+    CPU (``train.cpu_amp``): ``true`` is bfloat16 autocast, ``false`` fp32,
+    ``auto`` bfloat16 where the CPU runs it natively (AMX/AVX512-BF16) and fp32
+    elsewhere. Convolutions and matrix products then run in bfloat16 (1.4-1.7x
+    faster per demo step with AMX, ``docs/demo_scale.md``; measured 8x *slower*
+    on an AVX2-only CPU, where bfloat16 is emulated), while weights, optimiser
+    state, GroupNorm (``GroupNorm32``) and the loss reductions stay fp32.
+    bfloat16 has fp32's range, so no gradient scaler is needed. Asking for
+    ``true`` on a CPU without native bfloat16 warns.
     """
     if device.type == "cuda":
         return torch.float16 if bool(cfg.get("amp", True)) else None
-    if device.type == "cpu" and bool(cfg.get("cpu_amp", False)):
-        if not native_cpu_bfloat16():
-            warnings.warn("train.cpu_amp: this CPU has no native bfloat16 (AVX512-BF16/AMX); bfloat16 autocast "
-                          "will run several times slower than fp32 (set train.cpu_amp: false)", stacklevel=2)
-        return torch.bfloat16
-    return None
+    cpu_amp = cpu_amp_setting(cfg.get("cpu_amp", False))
+    if device.type != "cpu" or cpu_amp is False:
+        return None
+    if cpu_amp == "auto":
+        return torch.bfloat16 if native_cpu_bfloat16() else None
+    if not native_cpu_bfloat16():
+        warnings.warn("train.cpu_amp: this CPU has no native bfloat16 (AVX512-BF16/AMX); bfloat16 autocast "
+                      "will run several times slower than fp32 (set train.cpu_amp: false or auto)", stacklevel=2)
+    return torch.bfloat16
+
+
+def cpu_amp_setting(value: Any) -> bool | str:
+    """``train.cpu_amp`` checked: ``True``, ``False`` or ``"auto"``."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise InputError("train.cpu_amp", f"must be true, false or auto, got {value!r}")
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How a run computes its forward pass, for ``run.json``: ``float32`` or ``<type> autocast``."""
+    return "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
 
 
 def native_cpu_bfloat16() -> bool:
@@ -239,7 +255,8 @@ class Trainer:
                                    self.dist.world_size)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.run_dir / "run.json", run_stamp(self.params, self.device, self.dist.world_size))
+            atomic_write_json(self.run_dir / "run.json", run_stamp(self.params, self.device, self.dist.world_size,
+                                                                  precision_name(self.autocast_dtype)))
         logger = TrainLogger(self.run_dir, self.start_iter, max_iter, enabled=self.dist.is_main,
                              progress=self.progress, log_every=int(self.cfg.get("log_every", 20)))
         loader = iter(self._loader(micro))

@@ -43,6 +43,7 @@ from torchvision.models import resnet18, resnet50, resnet101
 from torchvision.ops import FrozenBatchNorm2d
 
 from sim_core.errors import InputError
+from sim_core.model.group_norm import GroupNorm32
 from sim_core.model.pretrained import load_backbone_weights
 
 BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet_tiny", "swin_b", "resnet101_dcn")
@@ -95,7 +96,7 @@ class TorchvisionResNet(nn.Module):
 
 def _norm(channels: int, kind: str) -> nn.Module:
     if kind == "GN":
-        return nn.GroupNorm(min(8, channels // 4), channels)
+        return GroupNorm32(min(8, channels // 4), channels)
     if kind == "BN":
         return nn.BatchNorm2d(channels)
     raise InputError("model.tiny_norm", f"must be 'GN' or 'BN', got {kind!r}")

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sim_core.errors import InputError
+from sim_core.model.group_norm import GroupNorm32
 from sim_core.model.neck import check_fpn_levels
 
 FUSION_EPS = 1e-4
@@ -58,7 +59,7 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     if kind == "GN":
         if channels % 32:
             raise InputError("model.bifpn_norm", f"GN uses 32 groups; bifpn_channels={channels} is not a multiple of 32")
-        return nn.GroupNorm(32, channels)
+        return GroupNorm32(32, channels)
     if kind == "none":
         return nn.Identity()
     raise InputError("model.bifpn_norm", f"must be BN, GN or none, got {kind!r}")

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from sim_core.errors import InputError
+from sim_core.model.group_norm import GroupNorm32
 from sim_core.model.mask_inputs import zero_loss
 
 INF = 1e8
@@ -73,7 +74,7 @@ def _tower(channels: int, num_convs: int, norm: str, gn_groups: int, conv_bias: 
         if norm == "GN":
             if channels % gn_groups:
                 raise InputError("model.gn_groups", f"{gn_groups} groups do not divide {channels} head channels")
-            layers.append(nn.GroupNorm(gn_groups, channels))
+            layers.append(GroupNorm32(gn_groups, channels))
         elif norm != "none":
             raise InputError("model.head_norm", f"must be 'GN' or 'none', got {norm!r}")
         layers.append(nn.ReLU(inplace=True))

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from sim_core.errors import InputError
 from sim_core.model.fcos import compute_locations
+from sim_core.model.group_norm import GroupNorm32
 
 
 def aligned_bilinear(x: Tensor, factor: int) -> Tensor:
@@ -81,7 +82,7 @@ def _conv_block(cin: int, cout: int, norm: str) -> nn.Sequential:
     if norm == "BN":
         layers.append(nn.BatchNorm2d(cout))
     elif norm == "GN":
-        layers.append(nn.GroupNorm(mask_branch_gn_groups(cout), cout))
+        layers.append(GroupNorm32(mask_branch_gn_groups(cout), cout))
     elif norm != "none":
         raise InputError("model.mask_branch_norm", f"must be 'BN', 'GN' or 'none', got {norm!r}")
     layers.append(nn.ReLU(inplace=True))
