@@ -38,7 +38,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     import torch
 
     from sim_core.config import resolve_run
-    from sim_core.engine.run_info import git_commit
+    from sim_core.engine.run_info import git_commit, trained_on
     from sim_core.engine.seeding import set_cpu_threads
     from sim_core.evaluation.coco_eval import evaluate_coco
     from sim_core.evaluation.inference import load_trained_model, predict_split
@@ -65,7 +65,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     record = {"run": args.run, "method": resolved["train"]["method"], "seed": resolved["train"]["seed"],
               "profile": resolved.get("profile"), "dataset": resolved["data"]["dataset"], "split": "val",
               "external": False, **metrics, "num_detections": len(segm),
-              "git_commit": git_commit(), "params": resolved}
+              "git_commit": git_commit(), "trained_on": trained_on(run_dir), "params": resolved}
     atomic_write_json(Path(args.out) if args.out else run_dir / "metrics.json", record)
     return metrics
 

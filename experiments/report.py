@@ -527,6 +527,27 @@ def original_code_section(report: _Report, pairs: list[dict]) -> dict:
                       "same data and schedule by \texttt{simbench upstream} and scored by the same evaluator.")}
 
 
+def training_machines(results: dict[str, RunResult]) -> list[str]:
+    """The distinct "device, precision" the runs with metrics trained on (``metrics.json``'s ``trained_on``)."""
+    seen = {f"{t.get('device') or 'unknown device'}, {t.get('precision') or 'unknown precision'}"
+            for r in results.values() if r.metrics and isinstance(t := r.metrics.get("trained_on"), dict)}
+    return sorted(seen)
+
+
+def machines_note(machines: list[str]) -> str:
+    """One sentence for the report's stamp: where the runs trained, and a warning when that differs.
+
+    The CPU and the precision change a run's numbers as a new seed does
+    (``docs/statistics.md``), so differences between rows of different machines
+    contain that too."""
+    if not machines:
+        return "Training machine: not recorded."
+    if len(machines) == 1:
+        return f"Trained on {machines[0]}."
+    return (f"Runs trained on {len(machines)} different machines or precisions ({'; '.join(machines)}): "
+            "differences between them include the machine's rounding, not only the methods.")
+
+
 def run_report(params: dict, runs_dir: Path, out: Path) -> None:
     """Write tables, figures, bootstrap.json, report.tex and (with pdflatex) report.pdf to ``out``."""
     config, specs = report_config(params), run_specs(params)
@@ -566,10 +587,12 @@ def run_report(params: dict, runs_dir: Path, out: Path) -> None:
                                 "intro": "As recorded in reports/paper\\_numbers.yaml, with their sources."})
         commits = sorted({str(r.metrics.get("git_commit")) for r in results.values()
                           if r.metrics and r.metrics.get("git_commit")})
+        machines = training_machines(results)
         stamp = (f"{sum(r.metrics is not None for r in results.values())} of {len(results)} configured runs "
                  f"have metrics; git commit(s): {latex.latex_escape(', '.join(c[:12] for c in commits) or 'unknown')}. "
+                 f"{latex.latex_escape(machines_note(machines))} "
                  f"Bootstrap: {config['bootstrap_resamples']} resamples, seed {config['bootstrap_seed']}.")
-        atomic_write_json(root / "bootstrap.json", {"commits": commits, "report_params": config,
+        atomic_write_json(root / "bootstrap.json", {"commits": commits, "trained_on": machines, "report_params": config,
                                                     "interval_kinds": INTERVAL_KINDS, "tables": report.boot_json})
         atomic_write_text(root / "report.tex", latex.render_report({
             "title": "simbench: box-supervised instance segmentation, reproduced", "stamp": stamp,

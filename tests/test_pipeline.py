@@ -77,9 +77,12 @@ def test_every_declared_output_exists(reproduced):
             assert (run_dir / name).is_file(), f"{run}/{name}"
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["run"] == run and set(metrics["segm"]) >= {"AP", "AP50", "AP75"}
+        # the smoke profile trains in fp32 on every CPU; the machine travels into the metrics and the report
+        assert metrics["trained_on"]["precision"] == "float32" and metrics["trained_on"]["device"].startswith("cpu:")
     out = clone / "reports" / "out"
     assert list((out / "tables").glob("*.tex")) and list((out / "figures").glob("*.png"))
     assert (out / "report.tex").is_file()
+    assert "Trained on cpu:" in (out / "report.tex").read_text()
 
 
 def test_second_repro_does_nothing(reproduced):

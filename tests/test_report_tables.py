@@ -282,3 +282,19 @@ def test_run_report_end_to_end(tmp_path) -> None:
         pytest.skip(f"{PDFINFO_MISSING}: report.pdf's page count not checked")
     pages = subprocess.run(["pdfinfo", str(out / "report.pdf")], capture_output=True, text=True, check=True).stdout
     assert int(re.search(r"Pages:\s+(\d+)", pages).group(1)) >= 2
+
+
+def test_stamp_names_the_training_machines_and_warns_when_they_differ() -> None:
+    from experiments.report import machines_note, training_machines
+
+    cpu = {"device": "cpu:Xeon avx512f amx_bf16 threads=1", "precision": "bfloat16 autocast"}
+    other = {"device": "cpu:EPYC avx2 threads=1", "precision": "float32"}
+    same = {f"r{i}": RunResult(f"r{i}", i, {"trained_on": cpu}) for i in range(2)}
+    assert training_machines(same) == ["cpu:Xeon avx512f amx_bf16 threads=1, bfloat16 autocast"]
+    assert machines_note(training_machines(same)).startswith("Trained on cpu:Xeon")
+    mixed = {**same, "old": RunResult("old", 0, {"segm": {}}), "gone": RunResult("gone", 0, None),
+             "epyc": RunResult("epyc", 0, {"trained_on": other})}
+    note = machines_note(training_machines(mixed))
+    assert note.startswith("Runs trained on 2 different machines or precisions") and "EPYC" in note
+    assert machines_note(training_machines({"old": RunResult("old", 0, {"segm": {}})})) == \
+        "Training machine: not recorded."

@@ -84,3 +84,17 @@ def run_stamp(params: dict, device: torch.device, world_size: int = 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "params": params,
     }
+
+
+def trained_on(run_dir: Path) -> dict[str, Any] | None:
+    """The CPU/GPU and precision a run trained with, from its ``run.json`` (None if it has none).
+
+    The evaluation copies it into ``metrics.json`` so that the report can say
+    when the runs it compares come from different machines or precisions."""
+    import json
+
+    try:
+        stamp = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {"device": stamp.get("device"), "precision": stamp.get("precision")}
