@@ -8,6 +8,7 @@ path, or ``none``) with the file and its sha256.
 """
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import time
@@ -91,8 +92,6 @@ def trained_on(run_dir: Path) -> dict[str, Any] | None:
 
     The evaluation copies it into ``metrics.json`` so that the report can say
     when the runs it compares come from different machines or precisions."""
-    import json
-
     try:
         stamp = json.loads((Path(run_dir) / "run.json").read_text())
     except (OSError, ValueError):
