@@ -40,6 +40,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from experiments import bench_parts as parts
+    from sim_core.engine.run_info import cpu_model
     from sim_core.engine.trainer import native_cpu_bfloat16
     from sim_core.errors import InputError
     from sim_core.io_utils import atomic_write_json
@@ -50,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("--only", f"unknown section '{unknown[0]}'; choose from {', '.join(SECTIONS)}")
     settings = parts.BenchSettings.from_args(args)
     results: dict = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+        "machine": {"platform": platform.platform(), "processor": cpu_model(),
                     "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
                     "native_cpu_bfloat16": native_cpu_bfloat16()},
         "settings": settings.as_dict(),
