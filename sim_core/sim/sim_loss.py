@@ -282,11 +282,12 @@ class SIMLoss(nn.Module):
         images: list[Tensor] = []
         bankable = torch.zeros_like(has_pos)
         if s.copy_paste:
-            # every GT with positives has at least one sampled row, so gt_pasted covers all of them
-            pasted = torch.zeros_like(has_pos)
-            if inputs.gt_pasted is not None:
+            bankable = has_pos
+            if s.paste_supervision == "box" and inputs.gt_pasted is not None:
+                # every GT with positives has at least one sampled row, so gt_pasted covers all of them
+                pasted = torch.zeros_like(has_pos)
                 pasted[inputs.gt_inds[inputs.gt_pasted]] = True
-            bankable = has_pos & ~pasted if s.paste_supervision == "box" else has_pos
+                bankable = has_pos & ~pasted
             pre = inputs.extras.get("preprocessed")
             sizes = pre.sizes if pre is not None else [tuple(inputs.images_raw.shape[-2:])] * inputs.images_raw.shape[0]
             images = [inputs.images_raw[b, :, :h, :w].round().clamp(0, 255).to(torch.uint8)
