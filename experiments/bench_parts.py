@@ -174,7 +174,9 @@ METHOD_VARIANTS = [
 # (bfloat16 autocast with GroupNorm in bfloat16, the code path before GroupNorm32). On an
 # AVX2-only CPU the two bfloat16 rows are emulated and several times slower.
 PRECISION_METHODS = ("mask", "boxinst", "boxlevelset", "sim")
-PRECISION_VARIANTS = [(f"{method}{suffix}", method, {"train.cpu_amp": amp}, gn_in_input_type)
+PRECISION_VARIANTS = [(f"{method}{suffix}", method,
+                       {"train.cpu_amp": amp, **({"boxlevelset.tree_filter": True} if method == "boxlevelset" else {})},
+                       gn_in_input_type)
                       for method in PRECISION_METHODS
                       for suffix, amp, gn_in_input_type in (("_fp32", False, False), ("_bf16", True, False),
                                                             ("_bf16_gn_bf16", True, True))]
@@ -193,8 +195,6 @@ def bench_methods(s: BenchSettings) -> dict:
             from sim_core.sim.variants import RELEASED_CODE
 
             overrides = {**overrides, **{f"sim.{k}": v for k, v in RELEASED_CODE.items()}}
-        if method == "boxlevelset":
-            overrides = {"boxlevelset.tree_filter": True, **overrides}
         try:
             out[name] = round(_method_step(s.params, method, images, targets, num_classes, s.iters, overrides,
                                            group_norm_in_input_type=gn_in_input_type), 4)

@@ -38,8 +38,9 @@ PROFILES_DIR = Path(__file__).resolve().parents[1] / "experiments" / "profiles"
 METHODS = ("mask", "boxmask", "boxinst", "boxlevelset", "sim")
 # Mappings whose keys are free-form (their entries are named by the user).
 FREE_MAPPINGS = ("runs", "report.paper_settings", "report.data_dirs", "upstream_runs")
-# Keys whose value may be a bool or a word; ``_check_train`` checks them instead of the type check.
-BOOL_OR_WORD = {"train.cpu_amp": ("auto",)}
+# train.cpu_amp is a bool or this word (bfloat16 where the CPU runs it natively); ``_check_train`` checks it
+# in place of the type check, the trainer through ``is_cpu_amp_value`` as well.
+CPU_AMP_WORDS = ("auto",)
 # A run name becomes a directory (runs/<name>) and a dvc stage name (train@<name>).
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 # Keys ``resolve_run`` fills from the run entry: an override of them would be ignored.
@@ -200,7 +201,7 @@ def _check_against(node: dict, ref: dict, prefix: str, source: str) -> None:
         if key not in ref:
             raise InputError(source, f"unknown params key {quote(dotted)}")
         expected = ref[key]
-        if expected is None or value is None or dotted in BOOL_OR_WORD:
+        if expected is None or value is None or dotted == "train.cpu_amp":
             continue
         if _kind(value) != _kind(expected):
             raise InputError(source, f"params key '{dotted}' must be a {_kind(expected)}, "
@@ -228,6 +229,11 @@ def validate_params(params: dict, source: str = "params.yaml") -> None:
         _validate_run(name, run, params, source)
 
 
+def is_cpu_amp_value(value: Any) -> bool:
+    """Whether ``value`` is a valid ``train.cpu_amp``: ``true``, ``false`` or ``auto``."""
+    return isinstance(value, bool) or value in CPU_AMP_WORDS
+
+
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")  # what sim_core.engine.trainer.pick_device accepts
 
 
@@ -246,11 +252,9 @@ def _check_train(train: dict, source: str) -> None:
     if not (isinstance(runs_dir, str) and runs_dir.strip()):
         raise InputError(source, "params key 'train.runs_dir' must name the directory runs are written to "
                                  f"(e.g. 'runs'), got {quote(runs_dir)}")
-    for dotted, words in BOOL_OR_WORD.items():
-        value = train.get(dotted.removeprefix("train."), False)
-        if not (isinstance(value, bool) or value in words):
-            raise InputError(source, f"params key '{dotted}' must be true, false or {' or '.join(words)}, "
-                                     f"got {quote(value)}")
+    if not is_cpu_amp_value(train.get("cpu_amp", False)):
+        raise InputError(source, f"params key 'train.cpu_amp' must be true, false or auto, "
+                                 f"got {quote(train.get('cpu_amp'))}")
     device = train.get("device", "auto")
     if not (isinstance(device, str) and DEVICE_PATTERN.fullmatch(device)):
         raise InputError(source, "params key 'train.device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', "

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from baselines import build_mask_loss
 from sim_core.data.coco import load_coco
 from sim_core.data.dataset import CocoDetectionDataset, collate
+from sim_core.config import is_cpu_amp_value
 from sim_core.engine import checkpoint as ckpt
 from sim_core.engine.batches import IterationBatchSampler, SeededSamples
 from sim_core.engine.distributed import DistInfo, accumulation_steps, average_gradients, init_distributed
@@ -101,8 +102,8 @@ def autocast_dtype(device: torch.device, cfg: dict) -> torch.dtype | None:
 
 
 def cpu_amp_setting(value: Any) -> bool | str:
-    """``train.cpu_amp`` checked: ``True``, ``False`` or ``"auto"``."""
-    if isinstance(value, bool) or value == "auto":
+    """``train.cpu_amp`` checked (``sim_core.config.is_cpu_amp_value``): ``True``, ``False`` or ``"auto"``."""
+    if is_cpu_amp_value(value):
         return value
     raise InputError("train.cpu_amp", f"must be true, false or auto, got {value!r}")
 
