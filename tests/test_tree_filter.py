@@ -123,6 +123,40 @@ def test_gradcheck_features_and_edge_weights():
         (features, embed))
 
 
+def _stitched_single_image_schedules(guide: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Depth and global parent of every node, each image's tree built on its own (batch of 1)."""
+    depth, parent = [], []
+    n = guide.shape[-2] * guide.shape[-1]
+    for b in range(guide.shape[0]):
+        single = build_tree_schedule(guide[b:b + 1])
+        levels = np.repeat(np.arange(single.depth), single.level_sizes)
+        node_depth = np.empty(n, dtype=np.int64)
+        node_depth[single.order.numpy()] = levels
+        depth.append(node_depth)
+        parent.append(single.parent.numpy() + b * n)
+    return np.concatenate(depth), np.concatenate(parent)
+
+
+@pytest.mark.parametrize("values", ["ties", "normal"])
+def test_batched_build_gives_each_image_the_tree_it_gets_alone(values):
+    """All images share one MST call; with many equal edge weights (flat colours) the forest
+    must still hold exactly the tree, root and BFS levels each image gets on its own."""
+    rng = np.random.default_rng(3)
+    shape = (6, 3, 13, 17)
+    raw = rng.integers(0, 3, size=shape) if values == "ties" else rng.standard_normal(shape)
+    guide = torch.from_numpy(raw.astype(np.float32))
+    batched = build_tree_schedule(guide)
+    depth, parent = _stitched_single_image_schedules(guide)
+    assert np.array_equal(batched.parent.numpy(), parent)
+    levels = np.repeat(np.arange(batched.depth), batched.level_sizes)
+    batched_depth = np.empty_like(depth)
+    batched_depth[batched.order.numpy()] = levels
+    assert np.array_equal(batched_depth, depth)
+    # level order: by depth, then node id (the filter's summation order depends on it)
+    order = batched.order.numpy()
+    assert np.array_equal(order, np.lexsort((np.arange(depth.size), depth)))
+
+
 def test_single_row_and_single_pixel_grids():
     row = torch.arange(5, dtype=torch.float64).reshape(1, 1, 1, 5)
     assert build_tree_schedule(row).depth == 3  # rooted at the middle pixel, not an end
