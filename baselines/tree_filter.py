@@ -54,6 +54,10 @@ __all__ = [
 ]
 
 
+# entries of one multi-root shortest-path table in build_tree_schedule (float64 + int32: ~200 MB)
+SEARCH_TABLE_ENTRIES = 1 << 24
+
+
 @dataclass(frozen=True)
 class TreeSchedule:
     """A spanning forest of ``B`` grids of ``H x W`` nodes, ordered by BFS depth.
@@ -115,7 +119,10 @@ def _centre_root(forest, start: int) -> int:
     """The middle node of a longest path of ``start``'s tree: rooting there minimises its height.
 
     The last node of a breadth-first order is a farthest node; two searches
-    give the two ends of a longest path (exact on trees).
+    give the two ends of a longest path (exact on trees). The forest is
+    stored symmetric, so a directed search follows every edge both ways, in
+    the order an undirected one does, without scipy transposing the graph
+    for every call.
     """
     far = int(breadth_first_order(forest, start, directed=True, return_predecessors=False)[-1])
     order, pred = breadth_first_order(forest, far, directed=True, return_predecessors=True)
@@ -146,11 +153,18 @@ def build_tree_schedule(guide: Tensor) -> TreeSchedule:
         vertical, horizontal = grid_edge_distances(guide.detach().double().cpu())
         forest = _grid_forest(vertical.numpy(), horizontal.numpy())
         roots = np.array([_centre_root(forest, int(start)) for start in offsets])
-        hops, pred = shortest_path(forest, directed=True, unweighted=True, indices=roots,
-                                   return_predecessors=True)
-        own = np.arange(batch * per_image).reshape(batch, per_image)  # each image's block of the rows
-        depth_all = hops[np.arange(batch)[:, None], own].astype(np.int64).ravel()
-        parent_all = pred[np.arange(batch)[:, None], own].astype(np.int64).ravel()
+        depth_all = np.empty(batch * per_image, dtype=np.int64)
+        parent_all = np.empty(batch * per_image, dtype=np.int64)
+        # one search from several roots returns a [roots, B*H*W] table: bound its size
+        chunk = max(1, SEARCH_TABLE_ENTRIES // (batch * per_image))
+        for first in range(0, batch, chunk):
+            picked = roots[first:first + chunk]
+            hops, pred = shortest_path(forest, directed=True, unweighted=True, indices=picked,
+                                       return_predecessors=True)
+            for row, b in enumerate(range(first, first + len(picked))):
+                block = slice(b * per_image, (b + 1) * per_image)
+                depth_all[block] = hops[row, block]
+                parent_all[block] = pred[row, block]
         parent_all[roots] = roots
     # stable: within a level, nodes keep id order; the narrowest integer type sorts by radix
     order = np.argsort(depth_all.astype(np.min_scalar_type(int(depth_all.max()))), kind="stable")

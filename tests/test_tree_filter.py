@@ -157,6 +157,19 @@ def test_batched_build_gives_each_image_the_tree_it_gets_alone(values):
     assert np.array_equal(order, np.lexsort((np.arange(depth.size), depth)))
 
 
+def test_build_searches_roots_in_chunks_when_the_table_would_be_large(monkeypatch):
+    """A batch too large for one multi-root search table is searched a few roots at a time."""
+    import baselines.tree_filter as tf
+
+    guide = torch.from_numpy(np.random.default_rng(4).integers(0, 3, size=(5, 2, 9, 11)).astype(np.float32))
+    whole = build_tree_schedule(guide)
+    monkeypatch.setattr(tf, "SEARCH_TABLE_ENTRIES", 2 * 5 * 9 * 11)  # two roots per search
+    chunked = build_tree_schedule(guide)
+    for field in ("order", "inverse", "parent", "parent_index"):
+        assert torch.equal(getattr(whole, field), getattr(chunked, field))
+    assert whole.level_sizes == chunked.level_sizes
+
+
 def test_single_row_and_single_pixel_grids():
     row = torch.arange(5, dtype=torch.float64).reshape(1, 1, 1, 5)
     assert build_tree_schedule(row).depth == 3  # rooted at the middle pixel, not an end
