@@ -17,9 +17,11 @@ Why this file is written the way it is:
 
 * The tree is not differentiated (an MST is piecewise constant in its
   weights), so it is built on the CPU with
-  :func:`scipy.sparse.csgraph.minimum_spanning_tree`, once per image, on the
-  squared distance of a *guide* map plus 1 (the +1 keeps zero-distance edges
-  as stored edges, as the original CUDA code does).
+  :func:`scipy.sparse.csgraph.minimum_spanning_tree` on the squared distance
+  of a *guide* map plus 1 (the +1 keeps zero-distance edges as stored edges,
+  as the original CUDA code does): one call for the block-diagonal graph of
+  the whole batch, which gives each image the tree it gets alone, since
+  scipy's per-call checks, not the graph, cost most at demo size.
 * The edge weights ``w_e`` are a differentiable function of an *embedding*
   map (often the guide itself), and the filter is differentiable w.r.t. both
   the features and the weights.
@@ -138,8 +140,9 @@ def build_tree_schedule(guide: Tensor) -> TreeSchedule:
 
     ``guide`` is ``[B, C, H, W]``; the tree depends on its values only (no
     gradient). Returns the BFS level schedule used by :func:`tree_filter`.
-    All images share one sparse graph (:func:`_grid_forest`) and one
-    shortest-path call from their roots; only the root choice runs per image.
+    All images share one sparse graph (:func:`_grid_forest`) and its
+    shortest-path searches run from many roots per call; only the root
+    choice runs per image.
     """
     if guide.dim() != 4:
         raise ValueError(f"guide must be [B, C, H, W], got {tuple(guide.shape)}")
