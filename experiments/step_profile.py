@@ -108,11 +108,12 @@ def _loss_scopes(method: str, loss_fn, state, stack: contextlib.ExitStack, handl
         calls = [0]
         handles.append(loss_fn.register_forward_pre_hook(lambda *_: calls.__setitem__(0, 0)))
 
-        def energy_name() -> str:  # forward calls it image term, feature term, per group
+        def energy_name() -> str:  # forward calls the data term for the image, then the features, per group
             calls[0] += 1
             return "levelset_image_term" if calls[0] % 2 else "levelset_feature_term"
 
-        for fn, name in (("projection_loss", "loss_projection"), ("levelset_energy", energy_name),
+        for fn, name in (("projection_loss", "loss_projection"), ("region_energy", energy_name),
+                         ("curve_length", "levelset_length"),
                          ("build_tree_schedule", "levelset_tree_filter"), ("tree_edge_weights", "levelset_tree_filter"),
                          ("tree_filter", "levelset_tree_filter")):
             stack.enter_context(mock.patch.object(bls, fn, _wrap(getattr(bls, fn), name)))

@@ -51,7 +51,7 @@ def test_bench_profile_parts_add_up_to_the_step(tmp_path, capsys):
         assert entry["step_ms_unprofiled"] > 0 and entry["gflop_per_step"] > 0
         assert 0 < len(entry["top_ops_self_cpu"]) <= 15
     terms = {"boxinst": ("loss_projection", "loss_pairwise"),
-             "boxlevelset": ("levelset_image_term", "levelset_feature_term", "levelset_tree_filter"),
+             "boxlevelset": ("levelset_image_term", "levelset_feature_term", "levelset_length", "levelset_tree_filter"),
              "sim": ("sim_teacher_pass", "sim_pseudo_loss", "ema_teacher_update", "sim_prototype_update")}
     for method, names in terms.items():
         assert set(names) <= set(prof["methods"][method]["parts_ms"]), (method, names)
