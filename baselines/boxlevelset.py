@@ -127,16 +127,18 @@ def released_length(probs: Tensor, box: Tensor) -> Tensor:
     computes it (one difference map instead of two); this literal form is
     the reference the tests compare with.
     """
-    phi = torch.cat([probs * box, (1.0 - probs) * box], dim=1)
-    dy = (phi[..., 1:, :] - phi[..., :-1, :]).abs()
-    dx = (phi[..., :, 1:] - phi[..., :, :-1]).abs()
-    return dy.flatten(1).sum(dim=1) + dx.flatten(1).sum(dim=1)
+    return _neighbour_abs_differences(torch.cat([probs * box, (1.0 - probs) * box], dim=1))
 
 
 def border_pairs(box: Tensor) -> Tensor:
     """Number of 4-neighbour pairs with one pixel in the box and one outside: ``[P]``."""
-    dy = (box[..., 1:, :] - box[..., :-1, :]).abs()
-    dx = (box[..., :, 1:] - box[..., :, :-1]).abs()
+    return _neighbour_abs_differences(box)
+
+
+def _neighbour_abs_differences(maps: Tensor) -> Tensor:
+    """``sum |x_u - x_v|`` over all 4-neighbour pairs and channels of ``maps`` ``[P, C, h, w]``: ``[P]``."""
+    dy = (maps[..., 1:, :] - maps[..., :-1, :]).abs()
+    dx = (maps[..., :, 1:] - maps[..., :, :-1]).abs()
     return dy.flatten(1).sum(dim=1) + dx.flatten(1).sum(dim=1)
 
 

@@ -10,6 +10,7 @@ import torch
 from baselines.boxinst import projection_loss
 from baselines.boxlevelset import (
     DEFAULTS,
+    _region_means,
     BoxLevelSetLoss,
     box_length,
     curve_length,
@@ -244,9 +245,7 @@ def test_released_length_matches_hand_calculation():
 
 def pixelwise_region(probs: torch.Tensor, image: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     """The data term pixel by pixel, as the released code writes it (region_energy's reference)."""
-    inside, outside, masked = probs * box, (1.0 - probs) * box, image * box
-    c1 = (masked * inside).sum(dim=(2, 3), keepdim=True) / inside.sum(dim=(2, 3), keepdim=True).clamp(min=1e-5)
-    c2 = (masked * outside).sum(dim=(2, 3), keepdim=True) / outside.sum(dim=(2, 3), keepdim=True).clamp(min=1e-5)
+    masked, c1, c2 = _region_means(probs, image, box)
     region = (masked - c1).pow(2) * probs * box + (masked - c2).pow(2) * (1.0 - probs) * box
     return region.flatten(1).sum(dim=1) / image.shape[1]
 
