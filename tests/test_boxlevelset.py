@@ -2,6 +2,7 @@
 per-level resolution, the released length term and the preferred-foreground diagnostic."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -467,3 +468,112 @@ def test_diagnostic_iou_of_the_preferred_foreground(variant):
         # T1 along the image tree: (s0+s1)/2 = 0.65 on pixels 0, 1 and (s2+s3)/2 = 0.35 on 2, 3
         # (the edge 1-2 has weight exp(-3/0.02) ~ 0), T2 their mean: pixels 0, 1 preferred
         assert quality["levelset_feat_fg_iou"] == pytest.approx(0.5)
+
+
+# --- against the released code itself (opt-in) ---------------------------------------------------------
+# SIMBENCH_UPSTREAM_BOXLEVELSET=/path/to/boxlevelset (a checkout of LiWentomng/boxlevelset; nothing is built,
+# only mmdet/models/losses/levelset_loss.py is read, its registry import stubbed). The release's tree
+# filter is a CUDA extension, so its output is simbench's here; the energies and the length are the release's.
+RELEASE_ENV = "SIMBENCH_UPSTREAM_BOXLEVELSET"
+
+
+def _release_levelset_loss():
+    """The release's ``LevelsetLoss`` class, loaded from the checkout named by the environment."""
+    import importlib.util
+    import os
+    import sys
+    import types
+    from pathlib import Path
+
+    root = os.environ.get(RELEASE_ENV)
+    if not root:
+        pytest.skip(f"opt-in: set {RELEASE_ENV} to a checkout of LiWentomng/boxlevelset "
+                    "to compare with the released loss; docs/upstream.md section 3")
+    path = Path(root) / "mmdet" / "models" / "losses" / "levelset_loss.py"
+    if not path.is_file():
+        pytest.fail(f"{RELEASE_ENV}={root}: {path} not found")
+
+    class _Registry:
+        def register_module(self, *args, **kwargs):
+            return lambda cls: cls
+
+    # the file imports ``..builder`` (mmdet.models.builder): a two-level stand-in package provides it
+    for name in ("_bls_release", "_bls_release.losses"):
+        package = sys.modules.setdefault(name, types.ModuleType(name))
+        package.__path__ = []
+    builder = sys.modules.setdefault("_bls_release.builder", types.ModuleType("_bls_release.builder"))
+    builder.LOSSES = _Registry()
+    spec = importlib.util.spec_from_file_location("_bls_release.losses.levelset_loss", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LevelsetLoss
+
+
+def _release_terms(loss_cls, probs, box, img_input, feat_input):
+    """Per-instance ``0.05 L(img) + 5.0 L(feat)`` as ``box_solov2_head.py`` composes them."""
+    phi = torch.cat((probs, 1.0 - probs), dim=1) * box
+    pixel_num = box.sum((1, 2, 3)).clamp(min=1)
+    levelset = loss_cls()
+    return (levelset(phi, img_input * box, pixel_num) * 0.05,
+            levelset(phi, feat_input * box, pixel_num) * 5.0)
+
+
+@pytest.mark.parametrize("kind", ["random", "saturated_inside", "nearly_saturated_inside", "vanishing_inside"])
+def test_energy_equals_the_released_levelset_loss(kind):
+    """simbench's per-instance energy (box sums, shared length) against the release's own function, float64."""
+    loss_cls = _release_levelset_loss()
+    generator = torch.Generator().manual_seed(11)
+    logits, image, box = _energy_case(kind, generator)
+    results = []
+    for ours in (True, False):
+        x = logits.clone().requires_grad_()
+        im = image.clone().requires_grad_()
+        probs = x.sigmoid()
+        if ours:
+            value = levelset_energy(probs, im, box, gamma=DEFAULTS["released_gamma"], length="released")
+        else:
+            value = loss_cls()(torch.cat((probs, 1.0 - probs), dim=1) * box, im * box,
+                               box.sum((1, 2, 3)).clamp(min=1))
+        grads = torch.autograd.grad((value * torch.arange(1.0, 7.0, dtype=value.dtype)).sum(), (x, im))
+        results.append((value.detach(), *grads))
+    for part, want, have in zip(("value", "d logits", "d input"), results[1], results[0]):
+        scale = want.abs().max().clamp(min=1e-12)
+        assert ((want - have).abs().max() / scale).item() < 1e-10, (kind, part)
+
+
+def test_module_terms_equal_the_released_composition():
+    """``BoxLevelSetLoss`` (released_code) against the release's loss on the same groups: values and d logits."""
+    loss_cls = _release_levelset_loss()
+    torch.manual_seed(4)
+    logits = (torch.randn(5, 1, 32, 32) * 3).requires_grad_()
+    # boxes of 4 to 128 input pixels: SOLOv2 levels 0-2, so two mask resolutions (stride 4 and 8)
+    boxes = torch.stack([box_mask(32, 32, 2, 24, 3, 30), box_mask(32, 32, 0, 32, 0, 32),
+                         box_mask(32, 32, 5, 6, 5, 9), box_mask(32, 32, 1, 15, 1, 15),
+                         box_mask(32, 32, 8, 32, 9, 32)])
+    images = torch.rand(2, 3, 128, 128) * 255
+    im_inds = torch.tensor([0, 1, 1, 0, 1])
+    loss_fn = BoxLevelSetLoss({"variant": "released_code"}, MASK_FEAT_CHANNELS)
+    cells = [(3, 2, 30, 24), (0, 0, 32, 32), (5, 5, 9, 6), (1, 1, 15, 15), (9, 8, 32, 32)]  # x0 y0 x1 y1
+    inputs = dataclasses.replace(make_inputs(logits, boxes, images, im_inds=im_inds),
+                                 gt_boxes=torch.tensor(cells, dtype=torch.float32) * 4)
+    ours = loss_fn(inputs)
+    ours_total = ours["loss_levelset_img"] + ours["loss_levelset_feat"]
+    (ours_grad,) = torch.autograd.grad(ours_total, logits)
+
+    size = tuple(logits.shape[-2:])
+    features = loss_fn.deep_features(inputs.mask_feats, size).float()
+    image = torch.nn.functional.interpolate(inputs.images_norm.float(), size=size, mode="bilinear",
+                                            align_corners=False)
+    box = boxes[:, None]
+    terms = []
+    for group in loss_fn._groups(inputs, logits.float(), box, image, features):
+        rows = inputs.im_inds[group.rows]
+        probs = group.logits.sigmoid()
+        feat_input = loss_fn._feature_input(rows, probs, group.image, group.features)
+        img_term, feat_term = _release_terms(loss_cls, probs, group.box, group.image[rows], feat_input)
+        terms.append(img_term + feat_term)
+    assert len(terms) == 2
+    release_total = torch.cat(terms).mean()
+    (release_grad,) = torch.autograd.grad(release_total, logits)
+    assert ours_total.item() == pytest.approx(release_total.item(), rel=1e-5)
+    assert ((ours_grad - release_grad).abs().max() / release_grad.abs().max()).item() < 1e-4
