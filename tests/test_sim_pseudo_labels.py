@@ -173,10 +173,10 @@ def test_paste_dice_over_every_sampled_instance_as_the_release():
     focal = 0.25 * 0.25 * math.log(2) / 2
     dice = 1 - 2 * 0.5 / (0.25 + 1)  # squared-denominator Dice: 0.2
     own = paste_mask_loss(logits, target, valid)
-    assert float(own) == pytest.approx(focal + dice, rel=1e-4)
+    assert own.item() == pytest.approx(focal + dice, rel=1e-4)
     (grad_own,) = torch.autograd.grad(own - focal, logits)
     released = paste_mask_loss(logits, target, valid, dice_over=4)
-    assert float(released) == pytest.approx(focal + (dice + 3) / 4, rel=1e-4)
+    assert released.item() == pytest.approx(focal + (dice + 3) / 4, rel=1e-4)
     (grad_released,) = torch.autograd.grad(released, logits)
     (grad_focal,) = torch.autograd.grad(weighted_focal(logits, target, valid), logits)
     # the pasted row's Dice gradient is scaled by P / N = 1 / 4
