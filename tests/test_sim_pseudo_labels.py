@@ -186,7 +186,7 @@ def test_paste_dice_over_every_sampled_instance_as_the_release():
     weights = torch.tensor([[1.0], [0.0], [0.0], [0.0]])
     x, t = rows * weights, torch.ones(4, 1) * weights
     release = (1 - 2 * (x * t).sum(1) / ((x ** 2).sum(1) + (t ** 2).sum(1) + 1e-5)).mean()
-    assert float(released) - focal == pytest.approx(float(release), rel=1e-4)
-    assert float(paste_mask_loss(logits, target, valid, dice_over=1)) == pytest.approx(float(own), rel=1e-6)
+    assert released.item() - focal == pytest.approx(float(release), rel=1e-4)
+    assert paste_mask_loss(logits, target, valid, dice_over=1).item() == pytest.approx(own.item(), rel=1e-6)
     with pytest.raises(ValueError, match="at least the number of pasted rows"):
         paste_mask_loss(logits, target, valid, dice_over=0)
