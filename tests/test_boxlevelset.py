@@ -509,13 +509,10 @@ def _release_levelset_loss():
     return module.LevelsetLoss
 
 
-def _release_terms(loss_cls, probs, box, img_input, feat_input):
-    """Per-instance ``0.05 L(img) + 5.0 L(feat)`` as ``box_solov2_head.py`` composes them."""
+def _release_energy(loss_cls, probs, box, target):
+    """The release's per-instance ``LevelsetLoss`` of one input, called as ``box_solov2_head.py`` calls it."""
     phi = torch.cat((probs, 1.0 - probs), dim=1) * box
-    pixel_num = box.sum((1, 2, 3)).clamp(min=1)
-    levelset = loss_cls()
-    return (levelset(phi, img_input * box, pixel_num) * 0.05,
-            levelset(phi, feat_input * box, pixel_num) * 5.0)
+    return loss_cls()(phi, target * box, box.sum((1, 2, 3)).clamp(min=1))
 
 
 @pytest.mark.parametrize("kind", ["random", "saturated_inside", "nearly_saturated_inside", "vanishing_inside"])
@@ -532,8 +529,7 @@ def test_energy_equals_the_released_levelset_loss(kind):
         if ours:
             value = levelset_energy(probs, im, box, gamma=DEFAULTS["released_gamma"], length="released")
         else:
-            value = loss_cls()(torch.cat((probs, 1.0 - probs), dim=1) * box, im * box,
-                               box.sum((1, 2, 3)).clamp(min=1))
+            value = _release_energy(loss_cls, probs, box, im)
         grads = torch.autograd.grad((value * torch.arange(1.0, 7.0, dtype=value.dtype)).sum(), (x, im))
         results.append((value.detach(), *grads))
     for part, want, have in zip(("value", "d logits", "d input"), results[1], results[0]):
@@ -570,8 +566,8 @@ def test_module_terms_equal_the_released_composition():
         rows = inputs.im_inds[group.rows]
         probs = group.logits.sigmoid()
         feat_input = loss_fn._feature_input(rows, probs, group.image, group.features)
-        img_term, feat_term = _release_terms(loss_cls, probs, group.box, group.image[rows], feat_input)
-        terms.append(img_term + feat_term)
+        terms.append(_release_energy(loss_cls, probs, group.box, group.image[rows]) * 0.05
+                     + _release_energy(loss_cls, probs, group.box, feat_input) * 5.0)
     assert len(terms) == 2
     release_total = torch.cat(terms).mean()
     (release_grad,) = torch.autograd.grad(release_total, logits)
