@@ -103,6 +103,40 @@ def test_cpu_amp_auto_follows_native_bfloat16(monkeypatch, native):
     assert trainer.precision_name(dtype) == ("bfloat16 autocast" if native else "float32")
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True),
+                                                      (False, True, True), (True, True, True)])
+def test_native_bfloat16_needs_bf16_units_not_avx512(monkeypatch, avx512_bf16, amx, native):
+    """oneDNN says bfloat16 is "supported" on every AVX-512 CPU, where it is emulated: not native."""
+    from sim_core.engine import trainer
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert trainer.native_cpu_bfloat16() is native
+
+
+@pytest.mark.parametrize("flags, native", [({"avx2", "avx512f", "avx512bw"}, False),
+                                           ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16", "amx_tile"}, True),
+                                           (set(), False)])
+def test_native_bfloat16_from_cpu_flags_without_torch_probes(monkeypatch, flags, native):
+    from sim_core.engine import trainer
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.setattr(trainer, "cpu_flags", lambda: flags)
+    assert trainer.native_cpu_bfloat16() is native
+
+
+def test_cpu_flags_read_from_cpuinfo(monkeypatch):
+    from sim_core.engine import run_info
+
+    text = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu\n"
+    monkeypatch.setattr(run_info, "_cpuinfo", lambda: text)
+    assert run_info.cpu_flags() == {"fpu", "avx2", "avx512f"}
+    assert run_info.cpu_model() == "Some CPU avx2 avx512f"
+    monkeypatch.setattr(run_info, "_cpuinfo", lambda: None)
+    assert run_info.cpu_flags() == set()
+
+
 @pytest.mark.parametrize("bad", ["yes", 1, None, "bf16"])
 def test_cpu_amp_rejects_other_values(bad):
     from sim_core.engine.trainer import autocast_dtype

@@ -57,14 +57,26 @@ def cpu_model() -> str:
     The CPU changes a run's numbers (oneDNN picks other kernels with AVX-512 than
     with AVX2, and ``train.cpu_amp: auto`` trains in bfloat16 only with AMX or
     AVX512-BF16; ``docs/statistics.md``), so the stamp names it."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    info = _cpuinfo()
+    if info is None:
         return platform.processor() or platform.machine()
     names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    flags = cpu_flags()
     units = [unit for unit in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if unit in flags]
     return " ".join([names[0] if names else platform.machine(), *units])
+
+
+def cpu_flags() -> set[str]:
+    """The first CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    info = _cpuinfo() or ""
+    return set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+
+
+def _cpuinfo() -> str | None:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
 
 
 def run_stamp(params: dict, device: torch.device, world_size: int = 1,

@@ -39,7 +39,7 @@ from sim_core.engine import checkpoint as ckpt
 from sim_core.engine.batches import IterationBatchSampler, SeededSamples
 from sim_core.engine.distributed import DistInfo, accumulation_steps, average_gradients, init_distributed
 from sim_core.engine.logger import TrainLogger
-from sim_core.engine.run_info import run_stamp
+from sim_core.engine.run_info import cpu_flags, run_stamp
 from sim_core.engine.schedule import build_optimizer, lr_at, set_lr
 from sim_core.engine.seeding import seed_everything, set_cpu_threads
 from sim_core.errors import InputError, NonFiniteLossError
@@ -114,11 +114,16 @@ def precision_name(dtype: torch.dtype | None) -> str:
 
 
 def native_cpu_bfloat16() -> bool:
-    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """Whether this CPU has bfloat16 arithmetic units (AVX512-BF16 or AMX).
+
+    Not oneDNN's ``_is_mkldnn_bf16_supported()``: that is true on every AVX-512
+    CPU, where oneDNN runs bfloat16 by converting to fp32 and a demo step took
+    0.44 s against 0.10 s with AMX (``docs/demo_scale.md``, "AVX-512 without
+    BF16")."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(probe) for probe in probes):
+        return any(bool(probe()) for probe in probes)
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})  # torch without the probes: ask the OS
 
 
 NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
