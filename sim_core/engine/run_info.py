@@ -61,15 +61,18 @@ def cpu_model() -> str:
     if info is None:
         return platform.processor() or platform.machine()
     names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    flags = cpu_flags()
+    flags = _flags(info)
     units = [unit for unit in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if unit in flags]
     return " ".join([names[0] if names else platform.machine(), *units])
 
 
 def cpu_flags() -> set[str]:
     """The first CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
-    info = _cpuinfo() or ""
-    return set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return _flags(_cpuinfo() or "")
+
+
+def _flags(cpuinfo: str) -> set[str]:
+    return set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
 
 
 def _cpuinfo() -> str | None:
