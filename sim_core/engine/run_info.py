@@ -51,6 +51,9 @@ def describe_device(device: torch.device) -> str:
     return f"cpu:{cpu_model()} threads={torch.get_num_threads()}"
 
 
+BFLOAT16_UNITS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of a CPU that computes bfloat16 natively
+
+
 def cpu_model() -> str:
     """The CPU's model name and vector units (``/proc/cpuinfo`` on Linux, else ``platform``).
 
@@ -62,7 +65,7 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
     names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
     flags = _flags(info)
-    units = [unit for unit in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if unit in flags]
+    units = [unit for unit in ("avx2", "avx512f", *BFLOAT16_UNITS) if unit in flags]
     return " ".join([names[0] if names else platform.machine(), *units])
 
 

@@ -39,7 +39,7 @@ from sim_core.engine import checkpoint as ckpt
 from sim_core.engine.batches import IterationBatchSampler, SeededSamples
 from sim_core.engine.distributed import DistInfo, accumulation_steps, average_gradients, init_distributed
 from sim_core.engine.logger import TrainLogger
-from sim_core.engine.run_info import cpu_flags, run_stamp
+from sim_core.engine.run_info import BFLOAT16_UNITS, cpu_flags, run_stamp
 from sim_core.engine.schedule import build_optimizer, lr_at, set_lr
 from sim_core.engine.seeding import seed_everything, set_cpu_threads
 from sim_core.errors import InputError, NonFiniteLossError
@@ -123,7 +123,7 @@ def native_cpu_bfloat16() -> bool:
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(callable(probe) for probe in probes):
         return any(bool(probe()) for probe in probes)
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})  # torch without the probes: ask the OS
+    return bool(cpu_flags() & set(BFLOAT16_UNITS))  # torch without the probes: ask the OS
 
 
 NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm)
