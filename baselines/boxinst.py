@@ -38,6 +38,7 @@ from baselines.lab import batch_color_similarity, color_similarity, neighbour_of
 from sim_core.errors import InputError
 from sim_core.evaluation.supervision_quality import diagnosable_rows, kept_pair_quality, one_row_per_gt
 from sim_core.model.mask_inputs import MaskLossInputs, dice_loss, zero_loss
+from sim_core.model.precision import at_least_float32
 
 __all__ = [
     "DEFAULTS",
@@ -286,7 +287,7 @@ class BoxInstLoss(nn.Module):
 
     def projection_term(self, inputs: MaskLossInputs) -> Tensor:
         """Weighted mean projection loss over the instances (float32)."""
-        logits = inputs.mask_logits.float()
+        logits = at_least_float32(inputs.mask_logits)
         boxes = self._box_masks(inputs, logits)
         return projection_loss(logits.sigmoid(), boxes).mean() * self.cfg["projection_weight"]
 
@@ -299,12 +300,12 @@ class BoxInstLoss(nn.Module):
         already computed :meth:`image_similarity`.
         """
         cfg = self.cfg
-        logits = inputs.mask_logits.float()
+        logits = at_least_float32(inputs.mask_logits)
         boxes = self._box_masks(inputs, logits)
         if image_similarity is None:
             image_similarity = self.image_similarity(inputs)
         ramp = pairwise_warmup_weight(inputs.iteration, inputs.max_iter, cfg)
-        loss = pairwise_loss(logits, image_similarity.float(), boxes, cfg["pairwise_color_thresh"],
+        loss = pairwise_loss(logits, at_least_float32(image_similarity), boxes, cfg["pairwise_color_thresh"],
                              cfg["pairwise_kernel"], cfg["pairwise_dilation"], pair_weights,
                              im_inds=inputs.im_inds)
         return loss * ramp

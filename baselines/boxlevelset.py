@@ -81,6 +81,7 @@ from sim_core.errors import InputError
 from sim_core.evaluation.supervision_quality import diagnosable_rows, foreground_iou
 from sim_core.model.mask_head import aligned_bilinear
 from sim_core.model.mask_inputs import MaskLossInputs
+from sim_core.model.precision import at_least_float32
 
 __all__ = ["DEFAULTS", "VARIANTS", "SOLO_SCALE_RANGES", "SOLO_LEVEL_FACTORS", "BoxLevelSetLoss",
            "levelset_energy", "region_energy", "curve_length", "box_length", "released_length",
@@ -369,7 +370,7 @@ class BoxLevelSetLoss(nn.Module):
             groups.append(_Group(
                 rows, resize(logits[rows]), (resize(box[rows]) >= 0.5).to(logits.dtype),
                 (resize(gt[rows]) >= 0.5).to(logits.dtype),
-                F.interpolate(inputs.images_norm.float(), size=size, mode="bilinear",
+                F.interpolate(at_least_float32(inputs.images_norm), size=size, mode="bilinear",
                               align_corners=False),
                 resize(features)))
         return groups
@@ -377,9 +378,9 @@ class BoxLevelSetLoss(nn.Module):
     def forward(self, inputs: MaskLossInputs) -> dict[str, Tensor]:
         cfg = self.cfg
         self.last_quality = {}
-        logits = inputs.mask_logits.float()  # float32 sums, also under mixed precision
+        logits = at_least_float32(inputs.mask_logits)  # float32 sums, also under mixed precision
         size = tuple(logits.shape[-2:])
-        features = self.deep_features(inputs.mask_feats, size).float()
+        features = at_least_float32(self.deep_features(inputs.mask_feats, size))
         if inputs.num_instances == 0:
             zero = logits.sum() * 0.0 + features.sum() * 0.0
             return {"loss_proj": zero, "loss_levelset_img": zero.clone(),
@@ -388,7 +389,7 @@ class BoxLevelSetLoss(nn.Module):
         if box.shape != logits.shape:
             raise ValueError(f"gt_boxmasks {tuple(inputs.gt_boxmasks.shape)} do not match "
                              f"mask_logits {tuple(logits.shape)}")
-        image = F.interpolate(inputs.images_norm.float(), size=size, mode="bilinear",
+        image = F.interpolate(at_least_float32(inputs.images_norm), size=size, mode="bilinear",
                               align_corners=False)
         gamma = cfg["released_gamma"] if self.released else cfg["levelset_gamma"]
         length = "released" if self.released else "box"

@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from kornia.color import rgb_to_lab
 from torch import Tensor
 
+from sim_core.model.precision import at_least_float32
+
 __all__ = [
     "neighbour_offsets",
     "unfold_neighbours",
@@ -78,7 +80,7 @@ def images_to_lab(images_raw: Tensor, stride: int, truncate_to_uint8: bool = Fal
     (truncated to whole values first with ``truncate_to_uint8``, as AdelaiDet's ``.byte()``)."""
     if images_raw.dim() != 4 or images_raw.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W], got {tuple(images_raw.shape)}")
-    pooled = F.avg_pool2d(images_raw.float(), kernel_size=stride, stride=stride)
+    pooled = F.avg_pool2d(at_least_float32(images_raw), kernel_size=stride, stride=stride)
     if truncate_to_uint8:
         pooled = pooled.clamp(0.0, 255.0).floor()
     return rgb_to_lab((pooled / 255.0).clamp(0.0, 1.0))

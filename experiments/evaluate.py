@@ -1,7 +1,11 @@
 """``simbench evaluate``: score a run on val, or any results file against a GT.
 
 ``--run NAME`` loads ``runs/<run>/model.pt``, predicts on the prepared val
-split and writes ``segm.json``, ``bbox.json`` and ``metrics.json``.
+split and writes ``segm.json``, ``bbox.json`` and ``metrics.json``. A model
+trained with other settings than the params give for the run is refused
+(exit 2, naming the settings that differ); ``metrics.json`` records the sha256
+of the ``model.pt`` it scored, the run's settings fingerprint and the
+evaluation's own inputs (``sim_core.engine.records``).
 ``--gt GT.json --results R.json --out metrics.json`` scores any COCO results
 file (external runs included) with the same code.
 """
@@ -38,7 +42,9 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     import torch
 
     from sim_core.config import resolve_run
+    from sim_core.engine.records import differences, evaluation_inputs, file_sha256, fingerprint, weights_inputs
     from sim_core.engine.run_info import git_commit, trained_on
+    from sim_core.errors import InputError
     from sim_core.engine.seeding import set_cpu_threads
     from sim_core.evaluation.coco_eval import evaluate_coco
     from sim_core.evaluation.inference import load_trained_model, predict_split
@@ -49,7 +55,13 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     run_dir = run_dir_for(params, args.run, args.run_dir)
     set_cpu_threads(resolved["train"])  # the training's thread count: same numbers whatever runs beside it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, _ = load_trained_model(run_dir / "model.pt", device)
+    model_path = run_dir / "model.pt"
+    model, meta = load_trained_model(model_path, device)
+    inputs = weights_inputs(resolved)
+    if meta.get("fingerprint") != fingerprint(inputs):
+        raise InputError(model_path, f"trained with other settings than the params give for run '{args.run}' "
+                                     f"({differences(meta.get('fingerprint_inputs'), inputs)}); "
+                                     f"train it again: simbench train --run {args.run}")
     root = Path(resolved["data"]["root"])
     gt_path = root / "val.json"
     segm, bbox = predict_split(model, gt_path, root / "images", resolved, device,
@@ -65,7 +77,9 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     record = {"run": args.run, "method": resolved["train"]["method"], "seed": resolved["train"]["seed"],
               "profile": resolved.get("profile"), "dataset": resolved["data"]["dataset"], "split": "val",
               "external": False, **metrics, "num_detections": len(segm),
-              "git_commit": git_commit(), "trained_on": trained_on(run_dir), "params": resolved}
+              "git_commit": git_commit(), "trained_on": trained_on(run_dir),
+              "model_sha256": file_sha256(model_path), "fingerprint": meta["fingerprint"],
+              "evaluation_inputs": evaluation_inputs(resolved), "params": resolved}
     atomic_write_json(Path(args.out) if args.out else run_dir / "metrics.json", record)
     return metrics
 

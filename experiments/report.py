@@ -548,13 +548,49 @@ def machines_note(machines: list[str]) -> str:
             "differences between them include the machine's rounding, not only the methods.")
 
 
-def run_report(params: dict, runs_dir: Path, out: Path) -> None:
-    """Write tables, figures, bootstrap.json, report.tex and (with pdflatex) report.pdf to ``out``."""
+def _short(commit: str) -> str:
+    """``<12 hex>`` or ``<12 hex>+dirty``."""
+    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
+def training_commits(runs_dir: Path, names: list[str]) -> dict[str, list[str]]:
+    """``{commit: [runs]}``: the code each run's training segments ran (their ``run.json``)."""
+    from sim_core.engine.records import segment_commits
+
+    out: dict[str, list[str]] = {}
+    for name in names:
+        try:
+            stamp = json.loads((runs_dir / name / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for commit in segment_commits(stamp if isinstance(stamp, dict) else None):
+            out.setdefault(commit, []).append(name)
+    return out
+
+
+def commits_note(trained: dict[str, list[str]]) -> str:
+    """One sentence for the stamp: the code the runs trained with, and a warning when that differs."""
+    if not trained:
+        return "Training code: not recorded."
+    if len(trained) == 1:
+        return f"Trained at commit {_short(next(iter(trained)))}."
+    parts = "; ".join(f"{_short(c)}: {', '.join(sorted(set(runs)))}" for c, runs in sorted(trained.items()))
+    return (f"WARNING: the runs trained under {len(trained)} different code versions ({parts}); a difference "
+            "between rows may come from the code, not only the methods.")
+
+
+def run_report(params: dict, runs_dir: Path, out: Path, stale: dict[str, str] | None = None) -> None:
+    """Write tables, figures, bootstrap.json, report.tex and (with pdflatex) report.pdf to ``out``.
+
+    ``stale``: ``{run: why}`` of runs whose records disagree with the params
+    (``experiments.report_cli.stale_runs``): left out of every comparison and
+    listed in a table of their own."""
     config, specs = report_config(params), run_specs(params)
     runs_dir, out = Path(runs_dir), Path(out)
+    stale = stale or {}
     paper = tables.load_paper_numbers()
-    results = {n: RunResult(n, s.get("seed"), load_metrics(runs_dir / n / "metrics.json", n))
-               for n, s in specs.items()}
+    recorded = {n: load_metrics(runs_dir / n / "metrics.json", n) for n in specs}
+    results = {n: RunResult(n, s.get("seed"), None if n in stale else recorded[n]) for n, s in specs.items()}
     row_sets = {"main": build_rows(specs, results, config.get("main") or default_main_rows(specs))}
     for name, default in DEFAULT_ABLATIONS.items():
         row_sets[name] = build_rows(specs, results, config.get(name, default))
@@ -564,7 +600,11 @@ def run_report(params: dict, runs_dir: Path, out: Path) -> None:
         (root / "tables").mkdir(), (root / "figures").mkdir()
         report = _Report(root, config, paper, runs_dir)
         report.notes += [f"run {latex.latex_escape(n)}: no metrics.json (shown as ---)."
-                         for n, r in results.items() if r.metrics is None]
+                         for n, r in results.items() if r.metrics is None and n not in stale]
+        if stale:
+            rows = [(n, ((recorded[n] or {}).get("segm") or {}).get("AP"), why) for n, why in stale.items()]
+            report.sections.append({"title": "Stale runs (not compared)", "figures": [], "intro": "",
+                                    "tables": [report.table("stale", tables.stale_table(rows))]})
         for group in groups:
             report.group(group, row_sets)
         pairs = upstream_pairs(params, runs_dir)
@@ -587,12 +627,16 @@ def run_report(params: dict, runs_dir: Path, out: Path) -> None:
                                 "intro": "As recorded in reports/paper\\_numbers.yaml, with their sources."})
         commits = sorted({str(r.metrics.get("git_commit")) for r in results.values()
                           if r.metrics and r.metrics.get("git_commit")})
+        trained = training_commits(runs_dir, [n for n, r in results.items() if r.metrics is not None])
         machines = training_machines(results)
         stamp = (f"{sum(r.metrics is not None for r in results.values())} of {len(results)} configured runs "
-                 f"have metrics; git commit(s): {latex.latex_escape(', '.join(c[:12] for c in commits) or 'unknown')}. "
+                 f"have metrics; evaluated at commit(s) "
+                 f"{latex.latex_escape(', '.join(_short(c) for c in commits) or 'unknown')}. "
+                 f"{latex.latex_escape(commits_note(trained))} "
                  f"{latex.latex_escape(machines_note(machines))} "
                  f"Bootstrap: {config['bootstrap_resamples']} resamples, seed {config['bootstrap_seed']}.")
-        atomic_write_json(root / "bootstrap.json", {"commits": commits, "trained_on": machines, "report_params": config,
+        atomic_write_json(root / "bootstrap.json", {"commits": commits, "training_commits": trained,
+                                                    "stale": stale, "trained_on": machines, "report_params": config,
                                                     "interval_kinds": INTERVAL_KINDS, "tables": report.boot_json})
         atomic_write_text(root / "report.tex", latex.render_report({
             "title": "simbench: box-supervised instance segmentation, reproduced", "stamp": stamp,

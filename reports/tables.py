@@ -606,3 +606,14 @@ def original_code_table(pairs: Sequence[dict], setting: Setting, label: str = "t
                     "the two-level interval, which resamples seeds and images.")
     header = ["Method", "Code", "Run"] + [HEADERS[c] for c in columns] + [r"$\Delta$AP [interval]"]
     return render(cells, header, caption, label, "lll" + "r" * len(columns) + "l", rules)
+
+
+def stale_table(stale: Sequence[tuple[str, float | None, str]], label: str = "tab:stale") -> str:
+    """Runs left out of every comparison because their records disagree with the params: run, the mask AP
+    its metrics.json holds (not a result of the current settings), and why."""
+    cells = [[latex_escape(run), fmt_value(None if ap is None else 100.0 * ap), latex_escape(why)]
+             for run, ap, why in stale]
+    caption = ("STALE runs, left out of every table above: their model, run record or metrics do not belong to "
+               "the current params (\\texttt{simbench status}). The AP is what their metrics.json holds; it is "
+               "not a result of the settings this report describes.")
+    return render(cells, ["Run", "Recorded AP", "Why stale"], caption, label, "lrp{0.55\\linewidth}")

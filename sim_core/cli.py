@@ -22,6 +22,7 @@ VERBS = {
     "bench": "experiments.bench",
     "profile": "experiments.profile",
     "repro": "experiments.repro",
+    "status": "experiments.status",
 }
 HELP = {
     "prepare": "prepare a dataset (synthetic, coco128, coco, voc, custom) as COCO jsons",
@@ -33,6 +34,7 @@ HELP = {
     "bench": "measure speed and memory, side by side, and write bench.json",
     "profile": "make one of the packaged profiles the active params.yaml",
     "repro": "dvc repro with several runs of the matrix at once (same outputs and numbers)",
+    "status": "per run: trained, evaluated, and whether its records match the current params",
 }
 
 

@@ -36,6 +36,10 @@ from sim_core.errors import InputError, quote, shorten
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "experiments" / "profiles"
 METHODS = ("mask", "boxmask", "boxinst", "boxlevelset", "sim")
+# The kind of value a key takes whose demo value is ``null`` (``null`` itself is always allowed there).
+NULLABLE_KINDS = {"train.norm_weight_decay": "number", "boxinst.pairwise_warmup_iters": "number",
+                  "sim.pairwise_color_thresh": "number", "report.main": "list", "report.components": "list",
+                  "report.alpha": "list", "report.prototypes": "list"}
 # Mappings whose keys are free-form (their entries are named by the user).
 FREE_MAPPINGS = ("runs", "report.paper_settings", "report.data_dirs", "upstream_runs")
 # train.cpu_amp is a bool or this word (bfloat16 where the CPU runs it natively); ``_check_train`` checks it
@@ -195,17 +199,29 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+def method_sections(method: str) -> tuple[str, ...]:
+    """The params sections a method's loss reads: its own, and for SIM also BoxInst's (its pairwise term)."""
+    return (method, "boxinst") if method == "sim" else (method,)
+
+
 def _check_against(node: dict, ref: dict, prefix: str, source: str) -> None:
     for key, value in node.items():
         dotted = f"{prefix}{key}"
         if key not in ref:
             raise InputError(source, f"unknown params key {quote(dotted)}")
         expected = ref[key]
-        if expected is None or value is None or dotted == "train.cpu_amp":
+        if value is None or dotted == "train.cpu_amp":
             continue
-        if _kind(value) != _kind(expected):
-            raise InputError(source, f"params key '{dotted}' must be a {_kind(expected)}, "
+        kind = NULLABLE_KINDS.get(dotted, "any") if expected is None else _kind(expected)
+        if kind != "any" and _kind(value) != kind:
+            raise InputError(source, f"params key '{dotted}' must be a {kind}{' or null' * (expected is None)}, "
                                      f"got {_kind(value)} {quote(value)}")
+        if isinstance(value, list) and isinstance(expected, list) and expected and dotted not in FREE_MAPPINGS:
+            item_kind = _kind(expected[0])
+            wrong = next((item for item in value if _kind(item) != item_kind), None)
+            if wrong is not None:
+                raise InputError(source, f"params key '{dotted}' must be a list of {item_kind}s, "
+                                         f"got {quote(value)}")
         if isinstance(expected, dict) and dotted not in FREE_MAPPINGS:
             _check_against(value, expected, dotted + ".", source)
 

@@ -36,8 +36,10 @@ def _load(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_latest_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
-    """The newest readable checkpoint of a run, or None when there is none."""
+def latest_checkpoint(run_dir: str | Path, quiet: bool = False) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable checkpoint of a run and its path, or None when there is none.
+
+    ``quiet``: no warnings for unreadable files (a status query, not a resume)."""
     run_dir = Path(run_dir)
     for name in (LAST, PREVIOUS):
         path = run_dir / name
@@ -46,14 +48,22 @@ def load_latest_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
         try:
             state = _load(path)
         except Exception as exc:  # corrupt, truncated, or not a checkpoint
-            print(f"simbench: warning: {path}: unreadable checkpoint ({type(exc).__name__}); "
-                  "trying the previous one", file=sys.stderr)
+            if not quiet:
+                print(f"simbench: warning: {path}: unreadable checkpoint ({type(exc).__name__}); "
+                      "trying the previous one", file=sys.stderr)
             continue
         if not isinstance(state, dict) or "iteration" not in state or "model" not in state:
-            print(f"simbench: warning: {path}: not a simbench checkpoint; ignored", file=sys.stderr)
+            if not quiet:
+                print(f"simbench: warning: {path}: not a simbench checkpoint; ignored", file=sys.stderr)
             continue
-        return state
+        return state, path
     return None
+
+
+def load_latest_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint of a run, or None when there is none."""
+    found = latest_checkpoint(run_dir)
+    return None if found is None else found[0]
 
 
 def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

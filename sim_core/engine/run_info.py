@@ -23,16 +23,30 @@ from sim_core.model.pretrained import weights_record
 PACKAGES = ("torch", "torchvision", "numpy", "pycocotools", "faster-coco-eval", "kornia", "dvc", "dvclive", "simbench")
 
 
-def git_commit(cwd: str | Path | None = None) -> str:
-    """The checked-out commit, with ``+dirty`` when tracked files are modified."""
+SOURCE_DIR = Path(__file__).resolve().parents[2]  # the checkout simbench runs from (editable install)
+
+
+def code_version(cwd: str | Path | None = None) -> tuple[str, bool]:
+    """``(commit, dirty)`` of the code that runs: the git commit of simbench's source tree and whether
+    tracked files differ from it; ``('simbench <version>', False)`` for an install without git."""
+    cwd = SOURCE_DIR if cwd is None else cwd
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
+        return commit, bool(dirty)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        try:
+            return f"simbench {metadata.version('simbench')}", False
+        except metadata.PackageNotFoundError:
+            return "unknown", False
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """The code's commit, with ``+dirty`` when tracked files are modified (:func:`code_version`)."""
+    commit, dirty = code_version(cwd)
+    return commit + ("+dirty" if dirty else "")
 
 
 def package_versions() -> dict[str, str]:

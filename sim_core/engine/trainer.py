@@ -8,13 +8,17 @@ What the loop guarantees:
 - resume: the latest readable checkpoint is loaded and training continues at
   the saved iteration with the same data order (``engine.batches``), so a
   killed and resumed run ends with the weights of an uninterrupted one (CPU);
+  only a checkpoint with the run's settings fingerprint is resumed
+  (``engine.records``): after any change of data, model, schedule, method or
+  seed settings the run trains from iteration 0 and says which settings changed;
 - atomic checkpoints every ``train.checkpoint_every`` iterations (rank 0);
 - a non-finite loss stops the run at once, naming the iteration and every
   loss term, and leaves the last good checkpoint in place;
 - the same effective batch and learning rate for any number of processes
   (gradient accumulation), AMP on CUDA, gradient clipping;
 - ``train_log.jsonl`` + dvclive logs, a tqdm bar with the loss terms, and a
-  ``run.json`` stamp (commit, versions, device, seed, resolved params);
+  ``run.json`` stamp (versions, seed, resolved params, the fingerprint, and
+  per training segment the commit, device and precision it ran with);
 - supervision-quality diagnostics (``train.supervision_diagnostics``): on
   every logged iteration the mask loss scores its own targets against the GT
   masks (``mask_loss.last_quality``), logged as ``sq/<name>`` next to the
@@ -34,12 +38,13 @@ from torch.utils.data import DataLoader
 from baselines import build_mask_loss
 from sim_core.data.coco import load_coco
 from sim_core.data.dataset import CocoDetectionDataset, collate
-from sim_core.config import is_cpu_amp_value
+from sim_core.config import is_cpu_amp_value, method_sections
 from sim_core.engine import checkpoint as ckpt
 from sim_core.engine.batches import IterationBatchSampler, SeededSamples
 from sim_core.engine.distributed import DistInfo, accumulation_steps, average_gradients, init_distributed
 from sim_core.engine.logger import TrainLogger
-from sim_core.engine.run_info import BFLOAT16_UNITS, cpu_flags, run_stamp
+from sim_core.engine.records import differences, fingerprint, weights_inputs
+from sim_core.engine.run_info import BFLOAT16_UNITS, code_version, cpu_flags, describe_device, run_stamp
 from sim_core.engine.schedule import build_optimizer, lr_at, set_lr
 from sim_core.engine.seeding import seed_everything, set_cpu_threads
 from sim_core.errors import InputError, NonFiniteLossError
@@ -56,10 +61,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def method_config(params: dict, method: str) -> dict:
-    """The params a mask loss reads: its own section (SIM also gets BoxInst's)."""
-    cfg = dict(params.get(method) or {})
-    if method == "sim":
-        cfg["boxinst"] = dict(params["boxinst"])
+    """The params a mask loss reads: its own section (SIM also gets BoxInst's, ``method_sections``)."""
+    own, *others = method_sections(method)
+    cfg = dict(params.get(own) or {})
+    for section in others:
+        cfg[section] = dict(params[section])
     if method in ("sim", "boxlevelset"):
         cfg["mask_feat_channels"] = params["model"]["mask_out_channels"]
     return cfg
@@ -167,6 +173,10 @@ class Trainer:
         self.use_amp = self.autocast_dtype is torch.float16  # only float16 needs a gradient scaler
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.start_iter = 0
+        self.fingerprint_inputs = weights_inputs(params)
+        self.fingerprint = fingerprint(self.fingerprint_inputs)
+        self.segments: list[dict] = []  # one entry per training segment (a start or a resume)
+        self.restart_reason: str | None = None  # why a checkpoint was not resumed
 
     def _param_groups(self) -> list[dict]:
         """Weight decay everywhere except where the recipe excludes it.
@@ -205,15 +215,32 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "run": self.params.get("run"),
+            "fingerprint": {"sha256": self.fingerprint, "inputs": self.fingerprint_inputs},
+            "segments": self.segments,
         }
         if self.sim_state is not None:
             state["sim"] = self.sim_state.state_dict()
         return state
 
     def try_resume(self) -> int:
-        state = ckpt.load_latest_checkpoint(self.run_dir)
-        if state is None:
+        """Load the latest checkpoint if it has this run's settings fingerprint; the iteration to start at.
+
+        A checkpoint of other settings is left in place (it is replaced at the
+        first checkpoint of the new training) and the reason is kept in
+        ``restart_reason`` and printed as one line."""
+        found = ckpt.latest_checkpoint(self.run_dir)
+        if found is None:
             return 0
+        state, path = found
+        recorded = state.get("fingerprint") or {}
+        if recorded.get("sha256") != self.fingerprint:
+            self.restart_reason = (f"{differences(recorded.get('inputs'), self.fingerprint_inputs)}: settings "
+                                   f"changed since {path}; training from iteration 0")
+            if self.dist.is_main:
+                print(self.restart_reason, flush=True)
+                (self.run_dir / "model.pt").unlink(missing_ok=True)  # the old settings' model: no longer this run
+            return 0
+        self.segments = list(state.get("segments") or [])
         self.model.load_state_dict(state["model"])
         self.mask_loss.load_state_dict(state["mask_loss"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -254,15 +281,28 @@ class Trainer:
             return self.model.training_losses(images, targets, self.mask_loss, iteration, max_iter, extras=extras,
                                               diagnose=diagnose)
 
+    def _segment(self) -> dict:
+        """This training segment's code and machine, for ``run.json`` and the checkpoints."""
+        commit, dirty = code_version()
+        return {"start_iteration": self.start_iter, "git_commit": commit, "dirty": dirty,
+                "device": describe_device(self.device), "world_size": self.dist.world_size,
+                "precision": precision_name(self.autocast_dtype), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def _write_stamp(self) -> None:
+        stamp = run_stamp(self.params, self.device, self.dist.world_size, precision_name(self.autocast_dtype))
+        stamp.update(fingerprint=self.fingerprint, fingerprint_inputs=self.fingerprint_inputs,
+                     segments=self.segments)
+        atomic_write_json(self.run_dir / "run.json", stamp)
+
     def run(self) -> dict:
         self.try_resume()
+        self.segments.append(self._segment())
         max_iter = int(self.cfg["max_iter"])
         micro = accumulation_steps(int(self.cfg["batch_size"]), int(self.cfg["batch_per_process"]),
                                    self.dist.world_size)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.run_dir / "run.json", run_stamp(self.params, self.device, self.dist.world_size,
-                                                                  precision_name(self.autocast_dtype)))
+            self._write_stamp()
         logger = TrainLogger(self.run_dir, self.start_iter, max_iter, enabled=self.dist.is_main,
                              progress=self.progress, log_every=int(self.cfg.get("log_every", 20)))
         loader = iter(self._loader(micro))
@@ -315,8 +355,9 @@ class Trainer:
                               {"num_classes": len(self.coco.label_to_cat_id),
                                "label_to_cat_id": {int(k): int(v) for k, v in self.coco.label_to_cat_id.items()},
                                "model_cfg": self.params["model"], "run": self.params.get("run"),
-                               "iterations": max_iter})
-        return {"iterations": max_iter, "resumed_from": self.start_iter}
+                               "iterations": max_iter, "fingerprint": self.fingerprint,
+                               "fingerprint_inputs": self.fingerprint_inputs})
+        return {"iterations": max_iter, "resumed_from": self.start_iter, "restarted": self.restart_reason}
 
 
 def train_run(params: dict, run_dir: str | Path, progress: bool = True) -> dict:

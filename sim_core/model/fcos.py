@@ -340,5 +340,8 @@ def detection_losses(cls_logits: Tensor, box_reg: Tensor, centerness: Tensor, lo
         box_losses = generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="none")
     loss_box = (box_losses * ctr_t).sum() / ctr_norm
     ctr_pred = centerness[a.pos_im_inds, a.pos_loc_inds]
-    loss_ctr = F.binary_cross_entropy_with_logits(ctr_pred, ctr_t, reduction="sum") / num_pos
+    # targets are float32 (as AdelaiDet's); a float64 pass (the cross-check's reference) must not drop to them,
+    # and half-precision predictions must not round them
+    ctr_targets = ctr_t.to(torch.promote_types(ctr_t.dtype, ctr_pred.dtype))
+    loss_ctr = F.binary_cross_entropy_with_logits(ctr_pred, ctr_targets, reduction="sum") / num_pos
     return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_ctr": loss_ctr}

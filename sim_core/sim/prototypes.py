@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sim_core.model.precision import at_least_float32
 from sim_core.sim.sinkhorn import hard_assignment, sinkhorn_knopp
 
 
@@ -142,7 +143,7 @@ def confident_pixel_features(student_feats: Tensor, confident: Tensor, gt_labels
     B, D, H, W = student_feats.shape
     if confident.shape[-2:] != (H, W):
         raise ValueError(f"confident masks {tuple(confident.shape)} do not match features {H}x{W}")
-    feats = F.normalize(student_feats.detach().float(), dim=1)
+    feats = F.normalize(at_least_float32(student_feats.detach()), dim=1)
     if gt_labels.numel() == 0:
         return feats.new_zeros((0, D)), torch.zeros((0,), dtype=torch.long, device=feats.device)
     # Union per (image, class) in one scatter; nonzero then lists the pixels ordered by

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sim_core.model.mask_head import aligned_bilinear
+from sim_core.model.precision import at_least_float32
 
 
 def upsample_features(feats: Tensor, size: tuple[int, int]) -> Tensor:
@@ -53,11 +54,11 @@ def semantic_probability_map(teacher_feats: Tensor, prototypes: Tensor, gt_label
         raise ValueError(f"temperature tau must be positive, got {tau}")
     if teacher_feats.shape[1] != prototypes.shape[-1]:
         raise ValueError(f"feature dim {teacher_feats.shape[1]} != prototype dim {prototypes.shape[-1]}")
-    feats = teacher_feats.detach().float()
+    feats = at_least_float32(teacher_feats.detach())
     if size is not None:
         feats = upsample_features(feats, size)
     feats = F.normalize(feats, dim=1)
-    protos = F.normalize(prototypes.float(), dim=-1)
+    protos = F.normalize(at_least_float32(prototypes), dim=-1)
     G = int(gt_labels.numel())
     H, W = feats.shape[-2:]
     if G == 0:

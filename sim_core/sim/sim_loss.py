@@ -49,6 +49,7 @@ from sim_core.evaluation.supervision_quality import (diagnosable_rows, one_row_p
                                                      pseudo_label_quality)
 from sim_core.model.condinst import MASK_STRIDE, box_masks
 from sim_core.model.mask_inputs import MaskLossInputs, zero_loss
+from sim_core.model.precision import at_least_float32
 from sim_core.sim.prototypes import PrototypeBank, confident_pixel_features, per_image_statistics
 from sim_core.sim.pseudo_loss import paste_mask_loss, pseudo_loss_weight, pseudo_mask_loss
 from sim_core.sim.self_correction import adaptive_tau_high, combine_maps, pseudo_labels
@@ -82,7 +83,7 @@ def valid_at_mask_stride(image_valid: Tensor, stride: int = MASK_STRIDE) -> Tens
 
 def feature_similarity(teacher_feats: Tensor, size: tuple[int, int], kernel: int, dilation: int) -> Tensor:
     """Released code's extra pairwise factor ``exp(-||z'_i - z'_j||)`` ``[B, K, H, W]`` (teacher features)."""
-    feats = upsample_features(teacher_feats.float(), size)
+    feats = upsample_features(at_least_float32(teacher_feats), size)
     neighbours = unfold_neighbours(feats, kernel, dilation)  # [B, D, K, H, W]
     return torch.exp(-channel_distance(feats.unsqueeze(2), neighbours))
 
@@ -273,7 +274,7 @@ class SIMLoss(nn.Module):
         sums = counts = None
         if s.prototypes and prototypes is not None:
             confident = (M_I > s.confident_thresh) & (gt_box_masks > 0.5) & (valid > 0.5) & has_pos.view(-1, 1, 1)
-            student = upsample_features(inputs.mask_feats.detach().float(), tuple(M_I.shape[-2:]))
+            student = upsample_features(at_least_float32(inputs.mask_feats.detach()), tuple(M_I.shape[-2:]))
             if s.prototype_updates == "image":  # one statistic per image, applied in turn (after_step)
                 sums, counts = per_image_statistics(prototypes, student, confident, a.gt_labels, a.gt_im_inds)
             else:

@@ -26,6 +26,8 @@ import math
 import torch
 from torch import Tensor
 
+from sim_core.model.precision import at_least_float32
+
 
 @torch.no_grad()
 def sinkhorn_knopp(scores: Tensor, eps: float = 0.05, iters: int = 3) -> Tensor:
@@ -43,7 +45,7 @@ def sinkhorn_knopp(scores: Tensor, eps: float = 0.05, iters: int = 3) -> Tensor:
     n, num_protos = scores.shape
     if n == 0:
         return scores.new_zeros((0, num_protos))
-    log_q = scores.float() / eps
+    log_q = at_least_float32(scores) / eps
     log_q = log_q - torch.logsumexp(log_q.flatten(), dim=0)  # total mass 1
     log_col_target = -math.log(num_protos)  # each prototype gets 1/L of the mass
     log_row_target = -math.log(n)  # each pixel carries 1/N of the mass

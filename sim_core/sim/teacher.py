@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sim_core.model.condinst import flatten_levels
+from sim_core.model.precision import at_least_float32
 from sim_core.sim.ema import EMATeacher, batch_statistics
 from sim_core.sim.self_correction import instance_probability_map, iou_weights
 
@@ -105,14 +106,14 @@ def run_teacher(teacher: nn.Module, images_norm: Tensor, assignment, chunk: int 
             i, l_ = im[start:start + chunk], loc[start:start + chunk]
             logits = net.instance_mask_logits(out.mask_feats, out.controllers[i, l_], out.locations[l_], i,
                                               out.strides[l_])
-            probs.append(logits.sigmoid()[:, 0].float())
+            probs.append(at_least_float32(logits.sigmoid()[:, 0]))
         factor = net.mask_head.feat_stride // net.mask_head.out_stride
         h, w = out.mask_feats.shape[-2] * factor, out.mask_feats.shape[-1] * factor
         pos_probs = torch.cat(probs) if probs else out.mask_feats.new_zeros((0, h, w))
-        pos_boxes = net.decode_boxes(out.locations[loc], out.box_reg[im, loc]).float()
+        pos_boxes = at_least_float32(net.decode_boxes(out.locations[loc], out.box_reg[im, loc]))
     finally:
         net.train(was_training)
-    return TeacherPredictions(mask_feats=out.mask_feats.detach().float(), pos_probs=pos_probs,
+    return TeacherPredictions(mask_feats=at_least_float32(out.mask_feats.detach()), pos_probs=pos_probs,
                               pos_boxes=pos_boxes, pos_gt_inds=assignment.pos_gt_inds,
                               num_gts=int(assignment.gt_boxes.shape[0]))
 
