@@ -220,3 +220,33 @@ def test_repro_validates_like_train(capsys, tmp_path):
     path = _params_text(tmp_path, lambda p: p["train"].update(lr=-1))
     _one_line_exit_2(capsys, ["repro", "--dry", "--params", str(path)], "train.lr", "positive")
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.norm_weight_decay=[1,2]", "'train.norm_weight_decay' must be a number or null, got list"),
+    ("boxinst.pairwise_warmup_iters=abc", "'boxinst.pairwise_warmup_iters' must be a number or null, got string"),
+    ("sim.pairwise_color_thresh=true", "'sim.pairwise_color_thresh' must be a number or null, got bool"),
+    ("train.steps=[a,1]", "'train.steps' must be a list of numbers"),
+    ("data.train_sizes=[[64]]", "'data.train_sizes' must be a list of numbers"),
+])
+def test_every_key_is_type_checked_at_the_gate(tmp_path, capsys, override, expected):
+    path = _params_text(tmp_path)
+    assert main(["train", "--run", "mask_s0", "--params", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+def test_every_null_default_declares_its_kind():
+    from sim_core.config import NULLABLE_KINDS
+
+    def nulls(node: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for key, value in node.items():
+            if isinstance(value, dict) and f"{prefix}{key}" not in ("runs", "upstream_runs"):
+                out |= nulls(value, f"{prefix}{key}.")
+            elif value is None:
+                out.add(f"{prefix}{key}")
+        return out
+
+    assert nulls(read_yaml(DEMO)) == set(NULLABLE_KINDS)
+    load_params(DEMO, ["train.norm_weight_decay=0.0", "boxinst.pairwise_warmup_iters=null"])  # still accepted

@@ -6,6 +6,7 @@ data, once with ``dvc repro`` and once with ``simbench repro --jobs 2``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -98,19 +99,58 @@ def test_dvc_metrics_show_lists_runs(reproduced):
     assert "mask_s0" in shown.stdout and "segm" in shown.stdout
 
 
-def test_dvc_exp_run_varies_one_setting(reproduced):
+def _copy_of(clone: Path, tmp_path: Path) -> Path:
+    """A copy of a reproduced clone (git, dvc and runs) for a test that changes it."""
+    copy = tmp_path / "simbench"
+    shutil.copytree(clone, copy, symlinks=True)
+    return copy
+
+
+def test_dvc_exp_run_varies_one_setting(reproduced, tmp_path):
     """`dvc exp run -S sim.alpha=0.3` makes an experiment that `dvc exp show` lists with that value."""
-    clone, env, _, _ = reproduced
+    sequential, env, _, _ = reproduced
+    clone = _copy_of(sequential, tmp_path)
     env = {**env, "GIT_AUTHOR_NAME": "simbench", "GIT_AUTHOR_EMAIL": "simbench@localhost",
            "GIT_COMMITTER_NAME": "simbench", "GIT_COMMITTER_EMAIL": "simbench@localhost"}
     ran = _run([str(BIN / "dvc"), "exp", "run", "-S", "sim.alpha=0.3", "-n", "alpha03"], clone, env)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     assert "Running stage 'train@sim_s0'" in ran.stdout  # the runs that read sim.alpha retrain ...
     assert "Running stage 'train@mask_s0'" not in ran.stdout  # ... and the others do not
+    # ... from iteration 0: the alpha-0.5 checkpoint is not "resumed" as the alpha-0.3 run
+    assert "sim.alpha 0.5 -> 0.3: settings changed since runs/sim_s0/last.ckpt; training from iteration 0" \
+        in ran.stdout, ran.stdout[-3000:]
+    assert json.loads((clone / "runs" / "sim_s0" / "metrics.json").read_text())["params"]["sim"]["alpha"] == 0.3
     shown = _run([str(BIN / "dvc"), "exp", "show", "--json"], clone, env)
     assert shown.returncode == 0, shown.stderr
     assert "alpha03" in shown.stdout
     assert 0.3 in list(_values_of(json.loads(shown.stdout), "alpha"))
+
+
+def test_changed_setting_retrains_and_reevaluates(reproduced, tmp_path):
+    """A setting changed in params.yaml, then `dvc repro`: the run trains from iteration 0, says which setting
+    changed, and its model and metrics are new; `simbench status` calls it fresh again."""
+    sequential, env, _, _ = reproduced
+    clone = _copy_of(sequential, tmp_path)
+    run_dir = clone / "runs" / "boxinst_s0"
+    model_before = hashlib.md5((run_dir / "model.pt").read_bytes()).hexdigest()
+    metrics_before = json.loads((run_dir / "metrics.json").read_text())
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    old_lr = params["train"]["lr"]
+    params["train"]["lr"] = old_lr * 2
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = _run([str(BIN / "simbench"), "status"], clone, env)
+    assert "stale: params changed since training: train.lr" in status.stdout, status.stdout
+    ran = _run([str(BIN / "dvc"), "repro", "evaluate@boxinst_s0"], clone, env)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert (f"train.lr {old_lr:g} -> {2 * old_lr:g}: settings changed since runs/boxinst_s0/last.ckpt; "
+            "training from iteration 0") in ran.stdout, ran.stdout[-3000:]
+    assert hashlib.md5((run_dir / "model.pt").read_bytes()).hexdigest() != model_before
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["fingerprint"] != metrics_before["fingerprint"] and metrics["params"]["train"]["lr"] == 2 * old_lr
+    assert metrics["fingerprint"] == json.loads((run_dir / "run.json").read_text())["fingerprint"]
+    status = _run([str(BIN / "simbench"), "status"], clone, env)
+    line = next(x for x in status.stdout.splitlines() if x.startswith("boxinst_s0"))
+    assert line.endswith("fresh") or "fresh (code" in line, status.stdout
 
 
 def _values_of(node, key):

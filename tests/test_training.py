@@ -1,6 +1,7 @@
 """Training engine: every method trains, resume, kill-and-resume, non-finite guard."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -161,11 +162,72 @@ def test_cpu_bfloat16_training_is_deterministic_and_really_mixed(smoke_params, t
 
 
 def test_resume_continues_from_the_saved_iteration(smoke_params):
-    _run(smoke_params, "mask_s0", max_iter=4, checkpoint_every=2, log_every=1)
+    _, run_dir = _run(smoke_params, "mask_s0", max_iter=6, checkpoint_every=2, log_every=1)
+    uninterrupted = torch.load(run_dir / "model.pt", weights_only=True)["model"]
+    (run_dir / "prev.ckpt").replace(run_dir / "last.ckpt")  # as if killed after the checkpoint at 4
+    (run_dir / "model.pt").unlink()
     result, run_dir = _run(smoke_params, "mask_s0", max_iter=6, checkpoint_every=2, log_every=1)
-    assert result["resumed_from"] == 4
+    assert result["resumed_from"] == 4 and result["restarted"] is None
     assert [r["iteration"] for r in _log(run_dir)] == list(range(6))
     assert load_latest_checkpoint(run_dir)["iteration"] == 6
+    resumed = torch.load(run_dir / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    segments = json.loads((run_dir / "run.json").read_text())["segments"]
+    assert [s["start_iteration"] for s in segments] == [0, 4]  # each segment's code and machine recorded
+    assert all(s["git_commit"] and isinstance(s["dirty"], bool) for s in segments)
+
+
+@pytest.mark.parametrize("key, value", [("lr", 0.02), ("max_iter", 6), ("seed", 1)])
+def test_changed_settings_train_from_iteration_zero(smoke_params, capsys, key, value):
+    """A checkpoint of other settings is never resumed: the run starts again and says what changed."""
+    _, run_dir = _run(smoke_params, "mask_s0", max_iter=4, checkpoint_every=2)
+    before = torch.load(run_dir / "model.pt", weights_only=True)
+    capsys.readouterr()
+    if key == "seed":
+        params = apply_overrides(smoke_params, {"runs.mask_s0.seed": value, "train.max_iter": 4,
+                                                "train.checkpoint_every": 2})
+        result, run_dir = _run(params, "mask_s0")
+    else:
+        result, run_dir = _run(smoke_params, "mask_s0", **{"max_iter": 4, "checkpoint_every": 2, key: value})
+    line = capsys.readouterr().out.strip().splitlines()[0]
+    old = {"lr": smoke_params["train"]["lr"], "max_iter": 4, "seed": 0}[key]
+    assert line.startswith(f"train.{key} {old:g} -> {value:g}") and "training from iteration 0" in line, line
+    assert "settings changed since" in line and "last.ckpt" in line
+    assert result["resumed_from"] == 0 and result["restarted"] == line
+    after = torch.load(run_dir / "model.pt", weights_only=True)
+    assert after["meta"]["fingerprint"] != before["meta"]["fingerprint"]
+    assert not all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
+    assert [r["iteration"] for r in _log(run_dir)][0] == 0
+    assert json.loads((run_dir / "run.json").read_text())["fingerprint"] == after["meta"]["fingerprint"]
+
+
+def test_machine_only_settings_still_resume(smoke_params, capsys):
+    """Logging cadence, checkpoint cadence and threads do not change the weights: a finished run stays."""
+    _, run_dir = _run(smoke_params, "mask_s0", max_iter=4, checkpoint_every=2)
+    before = (run_dir / "model.pt").read_bytes()
+    result, _ = _run(smoke_params, "mask_s0", max_iter=4, checkpoint_every=1, log_every=3, threads=2)
+    assert result["resumed_from"] == 4 and result["restarted"] is None
+    assert torch.load(run_dir / "model.pt", weights_only=True)["meta"]["fingerprint"] == \
+        torch.load(io.BytesIO(before), weights_only=True)["meta"]["fingerprint"]
+
+
+def test_train_cli_set_on_a_finished_run_retrains(smoke_params, tmp_path, capsys):
+    from sim_core.cli import main
+
+    smoke_params["train"].update(max_iter=3, checkpoint_every=3)
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(smoke_params))
+    assert main(["train", "--run", "sim_s0", "--params", str(params_path), "--no-progress"]) == 0
+    run_dir = Path(smoke_params["train"]["runs_dir"]) / "sim_s0"
+    first = torch.load(run_dir / "model.pt", weights_only=True)["model"]
+    capsys.readouterr()
+    assert main(["train", "--run", "sim_s0", "--params", str(params_path), "--no-progress",
+                 "--set", "train.lr=0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "train.lr 0.01 -> 0.05: settings changed since" in out and "resumed at" not in out, out
+    second = torch.load(run_dir / "model.pt", weights_only=True)["model"]
+    assert not all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((run_dir / "run.json").read_text())["params"]["train"]["lr"] == 0.05
 
 
 def test_non_finite_loss_stops_naming_iteration_and_terms(smoke_params, monkeypatch):
