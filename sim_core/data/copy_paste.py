@@ -76,8 +76,9 @@ def tight_box(mask: Tensor, offset_x: int = 0, offset_y: int = 0) -> Tensor | No
     if rows.numel() == 0:
         return None
     cols = torch.nonzero(mask.any(dim=0)).flatten()
-    return torch.tensor([cols[0] + offset_x, rows[0] + offset_y, cols[-1] + 1 + offset_x, rows[-1] + 1 + offset_y],
-                        dtype=torch.float32)
+    # stacked, not torch.tensor([...]): the box stays on the mask's device (a GPU in training), without a copy
+    return torch.stack([cols[0] + offset_x, rows[0] + offset_y, cols[-1] + 1 + offset_x,
+                        rows[-1] + 1 + offset_y]).to(torch.float32)
 
 
 def make_bank_entry(image: Tensor, boxes: Tensor, labels: Tensor, instance_probs: Tensor,
