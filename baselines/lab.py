@@ -129,7 +129,13 @@ def color_similarity(images_lab: Tensor, image_valid: Tensor, kernel: int = 3,
 def batch_color_similarity(images_raw: Tensor, image_valid: Tensor, stride: int,
                            kernel: int = 3, dilation: int = 2, ignore_bottom_px: int = 0,
                            truncate_to_uint8: bool = False) -> Tensor:
-    """From the detector's raw images to ``[B, K, H/s, W/s]`` colour similarities."""
-    lab = images_to_lab(images_raw, stride, truncate_to_uint8)
-    valid = valid_at_mask_stride(image_valid, stride, ignore_bottom_px).to(lab.dtype)
-    return color_similarity(lab, valid, kernel, dilation)
+    """From the detector's raw images to ``[B, K, H/s, W/s]`` colour similarities.
+
+    Always computed in (at least) float32, also inside a mixed-precision
+    forward: under autocast kornia's conversion would run its matrix products
+    in float16/bfloat16, and the rounding moves similarities across the
+    ``pairwise_color_thresh`` (up to 0.2 off in bfloat16 on the CPU)."""
+    with torch.autocast(device_type=images_raw.device.type, enabled=False):
+        lab = images_to_lab(images_raw, stride, truncate_to_uint8)
+        valid = valid_at_mask_stride(image_valid, stride, ignore_bottom_px).to(lab.dtype)
+        return color_similarity(lab, valid, kernel, dilation)

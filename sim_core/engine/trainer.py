@@ -27,6 +27,8 @@ What the loop guarantees:
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -53,6 +55,12 @@ from sim_core.model.condinst import CondInst
 
 
 def pick_device(name: str) -> torch.device:
+    """``train.device`` as a device. Under torchrun each process takes the GPU of its ``LOCAL_RANK``
+    (``init_distributed``), so ``cuda:N`` there would put every process on GPU N: refused."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and re.fullmatch(r"cuda:\d+", name):
+        raise InputError("train.device", f"'{name}' under torchrun would put all {os.environ['WORLD_SIZE']} "
+                                         "processes on one GPU; use 'cuda' or 'auto' (each process takes the GPU "
+                                         "of its LOCAL_RANK)")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -165,13 +173,21 @@ class Trainer:
             self.sim_state = SIMTrainingState(self.model, self.mask_loss, method_config(params, "sim"),
                                               num_classes=num_classes, seed=int(self.cfg["seed"]),
                                               build_model=lambda: CondInst(num_classes, params["model"]))
-        if self.dist.enabled and self.device.type == "cuda" and bool(self.cfg.get("sync_bn", False)):
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if bool(self.cfg.get("sync_bn", False)):
+            if self.dist.enabled and self.device.type == "cuda":
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            else:  # the recipe asks for statistics over the whole batch; say that it does not get them
+                warnings.warn(f"train.sync_bn: true acts only with several processes on GPUs; here "
+                              f"({self.dist.world_size} process(es), {self.device.type}) each BatchNorm "
+                              f"normalises over the {self.cfg['batch_per_process']} images of one micro-batch",
+                              stacklevel=2)
         self.trainable = [p for m in (self.model, self.mask_loss) for p in m.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self._param_groups(), self.cfg)
         self.autocast_dtype = autocast_dtype(self.device, self.cfg)
         self.use_amp = self.autocast_dtype is torch.float16  # only float16 needs a gradient scaler
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        if self.dist.rank:  # the model was built from the run seed; from here each process draws its own numbers
+            seed_everything(int(self.cfg["seed"]) + self.dist.rank)  # (rank 0 goes on as a one-process run)
         self.start_iter = 0
         self.fingerprint_inputs = weights_inputs(params)
         self.fingerprint = fingerprint(self.fingerprint_inputs)
@@ -214,6 +230,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "run": self.params.get("run"),
             "fingerprint": {"sha256": self.fingerprint, "inputs": self.fingerprint_inputs},
             "segments": self.segments,
@@ -246,6 +263,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         if self.sim_state is not None and "sim" in state:
             self.sim_state.load_state_dict(state["sim"])
         self.start_iter = int(state["iteration"])

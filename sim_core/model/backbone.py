@@ -40,9 +40,9 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50, resnet101
-from torchvision.ops import FrozenBatchNorm2d
 
 from sim_core.errors import InputError
+from sim_core.model.frozen_bn import FrozenBatchNorm2dTyped
 from sim_core.model.group_norm import GroupNorm32
 from sim_core.model.pretrained import load_backbone_weights
 
@@ -71,7 +71,7 @@ class TorchvisionResNet(nn.Module):
             raise InputError("model.freeze_at", f"must be an integer in 0..5, got {freeze_at!r}")
         if frozen_bn is None:
             frozen_bn = not is_from_scratch(pretrained)
-        net = RESNET_BUILDERS[depth](weights=None, norm_layer=FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d)
+        net = RESNET_BUILDERS[depth](weights=None, norm_layer=FrozenBatchNorm2dTyped if frozen_bn else nn.BatchNorm2d)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.out_channels = {"c2": net.layer1[-1].expansion * 64, "c3": net.layer2[-1].expansion * 128,
