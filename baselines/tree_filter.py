@@ -30,10 +30,25 @@ Why this file is written the way it is:
   and root-to-leaf propagation ``F_root = A_root``,
   ``F_v = w_v F_parent + (1 - w_v^2) A_v``. The normaliser is the same
   computation on a map of ones, so a constant map is returned unchanged.
-* The passes run level by level over the BFS depth of the tree, with one
-  gather/``index_add`` per level for all nodes of that depth in every image
-  of the batch, instead of a Python loop over nodes. Rooting each tree at
-  its centre (middle of a longest path) halves the number of levels.
+* The passes run by pointer jumping (doubling), not level by level: with
+  ``anc_k(v)`` the ancestor ``2^k`` edges above ``v`` and ``p_k(v)`` the
+  product of the ``2^k`` weights on that path (``0`` where the path would
+  pass the root: the root's weight is taken as ``0``), ``K = ceil(log2
+  depth)`` steps of ``A(anc_k(y)) += p_k(y) A(y)`` (one scatter-add over all
+  nodes; afterwards ``A`` holds the sums over descendants less than
+  ``2^(k+1)`` edges below) give the leaf-to-root pass, and ``K`` steps of
+  ``F(v) += p_k(v) F(anc_k(v))`` (one gather) the root-to-leaf pass, for all
+  nodes of all images at once. A filter call is a fixed number of tensor
+  operations per ``log2`` of the depth (about 80 forward and 60 backward at
+  800 x 1344 input, depth ~1000, instead of ~10,000 with one or a few per
+  level), at ``O(N K)`` instead of ``O(N)`` work. The path products only
+  multiply weights in ``[0, 1]``: an underflow to ``0`` drops a term below
+  ``1e-38`` of the node's own (weight-1) term, nothing else; there is no
+  division by a product. The ancestor tables ``anc_k`` are integer
+  bookkeeping of the tree, built with it. Rooting each tree at its centre
+  (middle of a longest path) halves the depth. ``tree_filter_reference``
+  is the level-by-level form (one step per BFS level), kept as the
+  reference the tests compare with.
 """
 from __future__ import annotations
 
@@ -71,7 +86,11 @@ class TreeSchedule:
     the parent id of every node (a root is its own parent) and ``inverse`` is
     the position of each node id inside ``order``. ``parent_index`` is, for
     every position of ``order``, the position of that node's parent in
-    ``order`` (a root points at itself).
+    ``order`` (a root points at itself). ``roots`` lists the root ids and
+    ``jumps[k]`` is, for every node id, the id of its ancestor ``2^k`` edges
+    up (the root where the path is shorter), ``k = 0 .. ceil(log2 depth) - 1``
+    (:func:`tree_filter`'s pointer jumping); both are derived from ``parent``
+    when absent.
     """
 
     shape: tuple[int, int, int]
@@ -81,6 +100,8 @@ class TreeSchedule:
     level_sizes: list[int]
     parent_pos: list[Tensor]
     parent_index: Tensor | None = None
+    roots: Tensor | None = None
+    jumps: tuple[Tensor, ...] | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -178,6 +199,10 @@ def build_tree_schedule(guide: Tensor) -> TreeSchedule:
     parent_index = position[parent_all[order]]  # level-order position of each node's parent
     # position of the parent inside its own level, for every node of levels 1.. (one split)
     parent_in_level = parent_index - np.repeat(np.concatenate([[0], starts[:-1]]), level_sizes)
+    # ancestors 1, 2, 4, ... edges up: 2^K >= number of levels covers every path
+    jumps = [parent_all]
+    while len(jumps) < (len(level_sizes) - 1).bit_length():
+        jumps.append(jumps[-1][jumps[-1]])
     device = guide.device
     parent_pos = [torch.empty(0, dtype=torch.long, device=device),
                   *torch.from_numpy(parent_in_level[level_sizes[0]:]).to(device).split(level_sizes[1:])]
@@ -189,6 +214,8 @@ def build_tree_schedule(guide: Tensor) -> TreeSchedule:
         level_sizes=level_sizes,
         parent_pos=parent_pos,
         parent_index=torch.from_numpy(parent_index).to(device),
+        roots=torch.from_numpy(order[:level_sizes[0]]).to(device),
+        jumps=tuple(torch.from_numpy(j).to(device) for j in jumps),
     )
 
 
@@ -205,42 +232,52 @@ def tree_edge_weights(embed: Tensor, schedule: TreeSchedule, sigma: float = 1.0)
     return torch.exp(-dist / sigma)
 
 
-def _two_passes(values: Tensor, weights: Tensor, schedule: TreeSchedule) -> tuple[Tensor, Tensor]:
-    """``(A, F)`` of the two tree passes over ``values`` ``[N, C]`` (both in BFS level order).
+def _jump_tables(schedule: TreeSchedule) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """``(roots, jumps)`` of ``schedule``, derived from ``parent`` if it was built without them."""
+    if schedule.roots is not None and schedule.jumps is not None:
+        return schedule.roots, schedule.jumps
+    roots = schedule.order[:schedule.level_sizes[0]]
+    jumps = [schedule.parent]
+    while len(jumps) < (schedule.depth - 1).bit_length():
+        jumps.append(jumps[-1][jumps[-1]])
+    return roots, tuple(jumps)
 
-    Leaf-to-root ``A_v = x_v + sum_{c child of v} w_c A_c``, then root-to-leaf
-    ``F_root = A_root``, ``F_v = w_v F_parent + (1 - w_v^2) A_v`` (no autograd:
-    :class:`_TreePasses` supplies the gradient). One ``mul`` + ``index_add_``
-    per level up and one gather + ``mul`` + ``add_`` per level down, into
-    preallocated level-order buffers.
+
+def _path_products(weights: Tensor, jumps: tuple[Tensor, ...]) -> list[Tensor]:
+    """``p_k`` ``[N, 1]``: product of the ``2^k`` edge weights from each node to ``jumps[k]``.
+
+    ``weights`` has ``0`` at the roots, so a path that would run past a
+    root gets ``0`` (its ancestor entry, the root, is then never used).
     """
-    sizes = schedule.level_sizes
-    depth = len(sizes)
-    w_col = weights.unsqueeze(1)
+    products = [weights.unsqueeze(1)]
+    for ancestor in jumps[:-1]:
+        products.append(products[-1] * products[-1].index_select(0, ancestor))
+    return products
+
+
+def _two_passes(values: Tensor, jumps: tuple[Tensor, ...], products: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(A, F)`` of the two tree passes over ``values`` ``[N, C]`` (node-id order), by pointer jumping.
+
+    Leaf-to-root ``A_v = x_v + sum_{c child of v} w_c A_c``: after step
+    ``k`` of ``A[anc_k(y)] += p_k(y) A[y]`` every ``A_v`` sums ``P(u -> v) x_u``
+    over the descendants ``u`` less than ``2^(k+1)`` edges below ``v``.
+    Root-to-leaf ``F_root = A_root``, ``F_v = w_v F_parent + (1 - w_v^2) A_v``
+    (``w = p_0`` is ``0`` at the roots): ``F = (1 - w^2) A``, then
+    ``F[v] += p_k(v) F[anc_k(v)]``, the same doubling along the path to the
+    root. Two operations per step and pass (no autograd:
+    :class:`_TreePasses` supplies the gradient).
+    """
     aggregated = values.clone()
-    a_levels = aggregated.split(sizes)
-    w_levels = w_col.split(sizes)
-    for d in range(depth - 1, 0, -1):
-        a_levels[d - 1].index_add_(0, schedule.parent_pos[d], w_levels[d] * a_levels[d])
-    keep = (1.0 - w_col * w_col) * aggregated  # (1 - w_v^2) A_v for every node at once
-    full = torch.empty_like(aggregated)
-    f_levels = full.split(sizes)
-    k_levels = keep.split(sizes)
-    f_levels[0].copy_(a_levels[0])
-    for d in range(1, depth):
-        torch.mul(w_levels[d], f_levels[d - 1].index_select(0, schedule.parent_pos[d]), out=f_levels[d])
-        f_levels[d].add_(k_levels[d])
+    for ancestor, product in zip(jumps, products):
+        aggregated.index_add_(0, ancestor, aggregated * product)
+    full = (1.0 - products[0] * products[0]) * aggregated
+    for ancestor, product in zip(jumps, products):
+        full.addcmul_(product, full.index_select(0, ancestor))
     return aggregated, full
 
 
-def _parent_index(schedule: TreeSchedule) -> Tensor:
-    if schedule.parent_index is not None:
-        return schedule.parent_index
-    return schedule.inverse[schedule.parent[schedule.order]]
-
-
 class _TreePasses(torch.autograd.Function):
-    """``F = S x`` in level order with ``S(i, j) = prod_{path} w`` (unnormalised filter).
+    """``F = S x`` with ``S(i, j) = prod_{path} w`` (unnormalised filter), in node-id order.
 
     ``S`` is symmetric, so the gradient w.r.t. ``x`` is the same two passes
     run on the output gradient ``g``: ``(A_g, F_g) = passes(g)``, ``dx = F_g``.
@@ -251,22 +288,27 @@ class _TreePasses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, values: Tensor, weights: Tensor, schedule: TreeSchedule) -> Tensor:
-        aggregated, full = _two_passes(values, weights, schedule)
+        roots, jumps = _jump_tables(schedule)
+        weights = weights.index_fill(0, roots, 0.0)  # a root has no edge
+        products = _path_products(weights, jumps)
+        aggregated, full = _two_passes(values, jumps, products)
         ctx.schedule = schedule
-        ctx.save_for_backward(weights, aggregated, full)
+        ctx.save_for_backward(aggregated, full, *products)
         return full
 
     @staticmethod
     def backward(ctx, grad_full: Tensor):
-        weights, aggregated, full = ctx.saved_tensors
+        aggregated, full, *products = ctx.saved_tensors
         schedule = ctx.schedule
-        grad_agg, grad_values = _two_passes(grad_full.contiguous(), weights, schedule)
+        roots, jumps = _jump_tables(schedule)
+        grad_agg, grad_values = _two_passes(grad_full.contiguous(), jumps, products)
         grad_weights = None
         if ctx.needs_input_grad[1]:
-            parent = _parent_index(schedule)
-            grad_weights = ((grad_agg * full[parent]).sum(dim=1) + (aggregated * grad_values[parent]).sum(dim=1)
-                            - 2.0 * weights * (grad_agg * aggregated).sum(dim=1))
-            grad_weights[:schedule.level_sizes[0]] = 0.0  # roots have no edge
+            parent = schedule.parent
+            terms = grad_agg * full.index_select(0, parent)
+            terms.addcmul_(aggregated, grad_values.index_select(0, parent))
+            terms.addcmul_(grad_agg * aggregated, products[0], value=-2.0)
+            grad_weights = terms.sum(dim=1).index_fill_(0, roots, 0.0)  # roots have no edge
         return grad_values if ctx.needs_input_grad[0] else None, grad_weights, None
 
 
@@ -275,12 +317,21 @@ def tree_filter(features: Tensor, schedule: TreeSchedule, edge_weights: Tensor) 
 
     ``edge_weights`` ``[B*H*W]`` is the weight of the edge from each node to
     its parent, in ``(0, 1]``. Output has the shape of ``features``.
-    The two passes run as one autograd node (:class:`_TreePasses`, gradient
-    written out); :func:`tree_filter_reference` is the same filter with
-    autograd through every level.
+    The two passes run by pointer jumping as one autograd node
+    (:class:`_TreePasses`, gradient written out): ``O(log depth)`` tensor
+    operations. :func:`tree_filter_reference` is the same filter level by
+    level with autograd through every level.
     """
-    values, weights = _tree_order_inputs(features, schedule, edge_weights)
-    return _filtered_features(_TreePasses.apply(values, weights, schedule), schedule, features)
+    batch, channels, height, width = features.shape
+    if (batch, height, width) != schedule.shape:
+        raise ValueError(f"features {tuple(features.shape)} do not match the tree {schedule.shape}")
+    # float16 would overflow: the normaliser sums up to one weight per node
+    compute_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    nodes = features.permute(0, 2, 3, 1).reshape(-1, channels).to(compute_dtype)
+    values = torch.cat([nodes, torch.ones_like(nodes[:, :1])], dim=1)  # ones: the normaliser
+    full = _TreePasses.apply(values, edge_weights.to(compute_dtype), schedule)
+    out = full[:, :channels] / full[:, channels:]
+    return out.reshape(batch, height, width, channels).permute(0, 3, 1, 2).to(features.dtype)
 
 
 def _tree_order_inputs(features: Tensor, schedule: TreeSchedule, edge_weights: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,9 @@ Sections (``--only`` picks some): ``methods``, ``engine_vs_torchvision``,
 ``lab``, ``coco_eval``, ``data``, ``mask_grid``, ``memory``, ``ddp``, ``backbones``,
 ``diagnostics`` (a step with vs without the supervision-quality diagnostics), ``profile`` (where
 the CPU time of a demo step of each method and of the evaluation stage goes; ``--iters`` profiled
-steps, the first ``--batch`` training samples of the params' data, ``--val-images``).
+steps, the first ``--batch`` training samples of the params' data, ``--val-images``),
+``device_check`` (not in the default set: the GPU self-check with ``--device cuda``, run it first on a
+GPU machine; its CPU twin with ``--device cpu``: ``experiments/device_selfcheck.py``).
 """
 from __future__ import annotations
 
@@ -22,12 +24,16 @@ from pathlib import Path
 
 SECTIONS = ("methods", "engine_vs_torchvision", "lab", "coco_eval", "data", "mask_grid", "memory", "ddp",
             "backbones", "diagnostics", "profile")
+EXTRA_SECTIONS = ("device_check",)  # only when asked for with --only
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reports/bench.json",
                         help="json file to write (outside reports/out/, which the report stage replaces)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS + EXTRA_SECTIONS)}")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="device_check section: cuda runs the GPU self-check, cpu its checked CPU twin")
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per measurement")
     parser.add_argument("--batch", type=int, default=8, help="demo batch size")
     parser.add_argument("--size", type=int, default=128, help="demo image size")
@@ -46,9 +52,12 @@ def main(args: argparse.Namespace) -> int:
     from sim_core.io_utils import atomic_write_json
 
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = sorted(set(chosen) - set(SECTIONS))
+    unknown = sorted(set(chosen) - set(SECTIONS) - set(EXTRA_SECTIONS))
     if unknown:
-        raise InputError("--only", f"unknown section '{unknown[0]}'; choose from {', '.join(SECTIONS)}")
+        raise InputError("--only", f"unknown section '{unknown[0]}'; choose from "
+                                   f"{', '.join(SECTIONS + EXTRA_SECTIONS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", "cuda requested but no CUDA device is available")
     settings = parts.BenchSettings.from_args(args)
     results: dict = {
         "machine": {"platform": platform.platform(), "processor": cpu_model(),

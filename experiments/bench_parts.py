@@ -34,6 +34,7 @@ class BenchSettings:
     size: int = 128
     params: dict = field(default_factory=dict)
     val_images: int = 0  # profile section: val images evaluated (0: all)
+    device: str = "cpu"  # device_check section: cuda (the GPU self-check) or cpu (its checked twin)
 
     @classmethod
     def from_args(cls, args: Any) -> "BenchSettings":
@@ -41,11 +42,11 @@ class BenchSettings:
 
         params = load_params(args.params) if Path(args.params).is_file() else reference_params()
         return cls(iters=args.iters, batch=args.batch, size=args.size, params=params,
-                   val_images=int(getattr(args, "val_images", 0) or 0))
+                   val_images=int(getattr(args, "val_images", 0) or 0), device=getattr(args, "device", "cpu"))
 
     def as_dict(self) -> dict:
         return {"iters": self.iters, "batch": self.batch, "size": self.size, "profile": self.params.get("profile"),
-                "val_images": self.val_images}
+                "val_images": self.val_images, "device": self.device}
 
 
 def time_it(fn: Callable[[], Any], iters: int, warmup: int = 2,
@@ -500,3 +501,13 @@ def bench_backbones(s: BenchSettings) -> dict:
         else:
             out[name] = json.loads(done.stdout.strip().splitlines()[-1])
     return out
+
+
+def bench_device_check(settings: BenchSettings) -> dict:
+    """The GPU self-check (``--device cuda``) or its CPU twin: ``experiments.device_selfcheck``."""
+    from experiments.device_selfcheck import self_check, summary_lines
+
+    result = self_check(settings.device, iterations=max(2, min(settings.iters, 5)))
+    for line in summary_lines(result):
+        print(f"  {line}", flush=True)
+    return result

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import sim_core.engine.trainer as trainer_module
+from experiments.device_selfcheck import SIM_PASTE, self_check, summary_lines
 from sim_core.config import apply_overrides, resolve_run
 from sim_core.engine.device_check import CHECKED_DEVICE, DevicePlacementError, checked_device
+from sim_core.engine.trainer import Trainer
 
 
 def test_the_checker_raises_where_cuda_would():
@@ -41,33 +42,22 @@ def test_the_checker_raises_where_cuda_would():
             module(host)
 
 
-def _train_checked(smoke_params: dict, run: str, monkeypatch, **overrides) -> dict:
+def _train_checked(smoke_params: dict, run: str, **overrides) -> dict:
     params = apply_overrides(copy.deepcopy(smoke_params), {"train.max_iter": 3, "train.log_every": 1,
                                                            "train.checkpoint_every": 3, **overrides})
     resolved = resolve_run(params, run)
-    monkeypatch.setattr(trainer_module, "pick_device", lambda name: CHECKED_DEVICE)
     run_dir = Path(params["train"]["runs_dir"]) / run
     with checked_device() as checker:
-        result = trainer_module.Trainer(resolved, run_dir, progress=False).run()
+        result = Trainer(resolved, run_dir, progress=False, device=CHECKED_DEVICE).run()
     assert checker.moves > 0  # the images and targets really went to the device
     return result
 
 
-SIM_PASTE = {"sim.pseudo_start_frac": 0.0, "sim.paste_prob": 1.0, "sim.paste_when_full": False,
-             "sim.confident_thresh": 0.01}  # an untrained teacher's masks enter the bank: pastes from step 2
-
-
 @pytest.mark.parametrize("run, overrides", [
-    ("mask_s0", {}),
-    ("boxmask_s0", {}),
-    ("boxinst_s0", {}),
-    ("boxlevelset_s0", {}),
     ("boxlevelset_s0", {"boxlevelset.variant": "paper"}),
-    ("sim_s0", SIM_PASTE),
     ("sim_s0", {**SIM_PASTE, "sim.paste_supervision": "region"}),
-], ids=["mask", "boxmask", "boxinst", "boxlevelset_released", "boxlevelset_paper", "sim_paste_box",
-        "sim_paste_pseudo"])
-def test_one_training_step_of_every_method_keeps_to_one_device(smoke_params, monkeypatch, run, overrides):
+], ids=["boxlevelset_paper", "sim_paste_region"])  # each method's default: the self-check below
+def test_method_variants_keep_to_one_device(smoke_params, monkeypatch, run, overrides):
     import sim_core.data.copy_paste as copy_paste
 
     pastes = []
@@ -78,7 +68,7 @@ def test_one_training_step_of_every_method_keeps_to_one_device(smoke_params, mon
         return paste(*args, **kwargs)
 
     monkeypatch.setattr(copy_paste, "paste_instances", counted)
-    result = _train_checked(smoke_params, run, monkeypatch, **overrides)
+    result = _train_checked(smoke_params, run, **overrides)
     assert result["iterations"] == 3
     assert bool(pastes) == run.startswith("sim")  # SIM's steps after the first really pasted
 
@@ -96,3 +86,23 @@ def test_prediction_on_the_device(smoke_params, smoke_dataset):
         segm, bbox = predict_split(model, smoke_dataset / "val.json", smoke_dataset / "images", params,
                                    CHECKED_DEVICE, progress=False)
     assert checker.moves > 0 and segm and len(segm) == len(bbox)
+
+
+def test_the_cpu_twin_of_the_gpu_self_check(tmp_path):
+    """``simbench bench --only device_check``: every method and the evaluation pass, waits counted by line."""
+    result = self_check("cpu", iterations=2, workdir=tmp_path)
+    assert result["ok"], summary_lines(result)
+    sim = result["methods"]["sim"]
+    assert sim["waits_per_step"] > 0 and all(":" in line for line in sim["waits_by_line"])
+    assert any(line.startswith("sim_core/data/copy_paste.py:") for line in sim["waits_by_line"])  # it pasted
+    assert result["evaluation"]["images"] > 0
+    lines = summary_lines(result)
+    assert len(lines) == 6 and all(" ok, " in line for line in lines)
+
+
+def test_host_waits_are_counted_by_line():
+    with checked_device() as checker:
+        x = torch.ones(4).to(CHECKED_DEVICE)
+        float(x.sum()), x[x > 0], x.tolist(), bool(x.any())
+        torch.ones(4).tolist()  # a host tensor: no wait
+    assert checker.waits == {"elsewhere": 4}  # attributed to the first frame in simbench's packages: none here

@@ -24,14 +24,24 @@ moves to the host, ``cpu``). Inside the mode:
   ``__getitem__``/``__setitem__`` and ``copy_`` (CUDA copies across devices)
   are allowed.
 
+The checker also counts *host waits*: the calls that make the host wait for
+the device on CUDA (``.item()``, ``float()``/``int()``/``bool()`` of a tensor,
+``.tolist()``, a copy to the host, ``nonzero`` and boolean-mask indexing, which
+must learn an output size, and the like) on device tensors, by the file and
+line of simbench's code that made them (:attr:`DevicePlacementChecker.waits`).
+
 Used by ``tests/test_device_placement.py`` on one training step of every
-method, ``predict`` and evaluation. What it cannot see: kernels' own device
-support, streams and memory, and tensors that never meet a device tensor.
+method, ``predict`` and evaluation, and by ``simbench bench --only
+device_check`` (the CPU twin of the GPU self-check). What it cannot see:
+kernels' own device support, streams and memory, and tensors that never meet a
+device tensor.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,9 +52,28 @@ from torch.utils._pytree import tree_flatten
 
 CHECKED_DEVICE = torch.device("cpu", 0)
 HOST_MOVES = {"cpu", "pin_memory"}
+# copies, indexing, and Module.to's and deepcopy's own bookkeeping: CUDA allows host tensors there
 CROSS_DEVICE_OK = {"copy_", "__getitem__", "__setitem__", "set_", "__get__", "__set__",
-                   "_has_compatible_shallow_copy_type", "__deepcopy__"}  # moves, indexing, and Module.to's own bookkeeping
+                   "_has_compatible_shallow_copy_type", "__deepcopy__"}
 _DEVICE_GETTER = torch.Tensor.device
+# calls that wait for the device on CUDA: a value read on the host, or an output size only the data knows
+WAITING_CALLS = {"item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu", "nonzero",
+                 "argwhere", "unique", "unique_consecutive", "masked_select", "bincount", "equal", "allclose",
+                 "repeat_interleave", "pin_memory"}
+PROJECT_DIRS = ("sim_core", "baselines", "experiments")  # where a wait is attributed (first such frame)
+
+
+def _caller() -> str:
+    """``package/file.py:line`` of the innermost frame in simbench's own code (outside this module)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename.replace("\\", "/")
+        for package in PROJECT_DIRS:
+            at = path.rfind(f"/{package}/")
+            if at >= 0 and not path.endswith("/device_check.py"):
+                return f"{path[at + 1:]}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "elsewhere"
 
 
 class DevicePlacementError(RuntimeError):
@@ -77,6 +106,7 @@ class DevicePlacementChecker(TorchFunctionMode):
         # (a WeakSet would compare tensors with ==, which is elementwise)
         self._on_device: dict[int, weakref.ref] = {}
         self.moves = 0  # tensors moved to the device (a count for the tests)
+        self.waits: Counter[str] = Counter()  # host waits by "file:line"
 
     # ------------------------------------------------------------------ tags
     def on_device(self, tensor: torch.Tensor) -> bool:
@@ -93,6 +123,21 @@ class DevicePlacementChecker(TorchFunctionMode):
             self.put_on_device(tensor)
 
     # ------------------------------------------------------------------ rules
+    def _waits(self, name: str, args: tuple, kwargs: dict) -> bool:
+        """Whether this call on device tensors makes the host wait on CUDA."""
+        if name in WAITING_CALLS:
+            return not (name == "repeat_interleave" and kwargs.get("output_size") is not None)
+        if name in ("__getitem__", "__setitem__", "index_put_", "index", "where"):
+            if name == "where":
+                return len(args) + len(kwargs) == 1  # torch.where(condition): nonzero
+            index = args[1] if len(args) > 1 else None
+            parts = index if isinstance(index, tuple) else (index,)
+            return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+        if name == "to":
+            named, device = self._target_device(name, args, kwargs)
+            return named and device is not None and device != CHECKED_DEVICE
+        return False
+
     def _target_device(self, name: str, args: tuple, kwargs: dict) -> tuple[bool, torch.device | None]:
         """For a move or a factory call: (whether it names a device, that device)."""
         if "device" in kwargs:
@@ -115,6 +160,8 @@ class DevicePlacementChecker(TorchFunctionMode):
         device_in = [t for t in tensors if self.on_device(t)]
         if name == "numpy" and device_in:
             raise DevicePlacementError("can't convert a device tensor to numpy (CUDA: use .cpu() first)")
+        if device_in and self._waits(name, args, kwargs):
+            self.waits[_caller()] += 1
         if name not in CROSS_DEVICE_OK and device_in:
             host = [t for t in tensors if not self.on_device(t) and t.dim() > 0]
             if host:

@@ -152,12 +152,13 @@ def norm_parameter_ids(*modules: torch.nn.Module) -> set[int]:
 class Trainer:
     """Holds everything one run needs; ``run()`` trains to ``train.max_iter``."""
 
-    def __init__(self, params: dict, run_dir: str | Path, progress: bool = True):
+    def __init__(self, params: dict, run_dir: str | Path, progress: bool = True, device: torch.device | None = None):
+        """``device``: train there instead of ``train.device`` (the device-placement check's stand-in)."""
         self.params = params
         self.cfg = params["train"]
         self.run_dir = Path(run_dir)
         self.progress = progress
-        self.device = pick_device(self.cfg.get("device", "auto"))
+        self.device = device if device is not None else pick_device(self.cfg.get("device", "auto"))
         self.dist: DistInfo = init_distributed(self.device)
         seed_everything(int(self.cfg["seed"]) + self.dist.rank)
         self.coco, self.dataset = build_train_data(params)
