@@ -170,6 +170,8 @@ def test_side_by_side_repro_matches_the_sequential_one(reproduced, reproduced_si
     sequential, _, _, _ = reproduced
     clone, env, first, second = reproduced_side_by_side
     assert "2 at a time" in first.stdout
+    for run in yaml.safe_load((clone / "params.yaml").read_text())["runs"]:  # progress while each run trains
+        assert f"[{run}] {run}: iter 1/" in first.stdout, run
     params = yaml.safe_load((clone / "params.yaml").read_text())
     for run in params["runs"]:
         for name in ("segm.json", "bbox.json"):  # every prediction and score, not only the (tiny) smoke AP

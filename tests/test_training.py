@@ -290,3 +290,17 @@ def test_kill_and_resume_equals_uninterrupted(smoke_params, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     log = [json.loads(line)["iteration"] for line in (killed_dir / "train_log.jsonl").read_text().splitlines()]
     assert log == list(range(14))
+
+
+def test_plain_progress_lines_without_a_bar(smoke_params, capsys):
+    """Under dvc/simbench repro (no terminal): one line per logged iteration with rate and time left."""
+    _run(smoke_params, "boxinst_s0", max_iter=4, log_every=2)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("boxinst_s0: iter")]
+    assert [x.split()[2] for x in lines] == ["1/4", "3/4", "4/4"], lines
+    assert all(" it/s  ETA " in x and "loss " in x and "loss_pairwise " in x for x in lines), lines
+
+
+def test_duration_text():
+    from sim_core.engine.logger import _duration
+
+    assert [_duration(s) for s in (5, 252, 7500, float("inf"))] == ["5s", "4m12s", "2h05m", "?"]

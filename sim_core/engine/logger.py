@@ -7,10 +7,16 @@ Supervision-quality diagnostics (``quality``) are written as ``sq/<name>``
 keys of the same record (dvclive: ``train/sq/<name>``); they are not losses.
 On resume, log lines past the resumed iteration are dropped so the log reads
 as one uninterrupted run.
+
+Progress: a tqdm bar when a person runs one command in a terminal; otherwise
+(``--no-progress``, as under ``dvc repro`` and ``simbench repro``) one plain
+line on stdout every logged iteration and at least once a minute: run name,
+iteration / total, the losses, iterations per second and the time left.
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,8 +31,12 @@ class TrainLogger:
         self.log_every = max(1, log_every)
         self.max_iter = max_iter
         self.path = Path(run_dir) / "train_log.jsonl"
+        self.name = Path(run_dir).name
+        self.progress = progress
         self.live = None
         self.bar = None
+        self.started, self.start_iter = time.monotonic(), start_iter
+        self.last_line = self.started
         if not enabled:
             return
         self._truncate(start_iter)
@@ -55,7 +65,11 @@ class TrainLogger:
         if not self.enabled:
             return
         self.bar.update(1)
-        if iteration % self.log_every and iteration != self.max_iter - 1:
+        logged = not (iteration % self.log_every and iteration != self.max_iter - 1)
+        if not self.progress and (logged or time.monotonic() - self.last_line >= 60.0):
+            print(self.progress_line(iteration, losses), flush=True)
+            self.last_line = time.monotonic()
+        if not logged:
             return
         sq = {f"sq/{k}": v for k, v in (quality or {}).items()}
         record = {"iteration": iteration, "lr": lr, "time": round(seconds, 4),
@@ -71,9 +85,32 @@ class TrainLogger:
         self.live.log_metric("train/lr", lr)
         self.live.next_step()
 
+    def progress_line(self, iteration: int, losses: dict[str, float]) -> str:
+        """``sim_s0: iter 120/700  loss 1.234 (loss_cls 0.512, ...)  2.31 it/s  ETA 4m12s``."""
+        done = iteration + 1 - self.start_iter
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = done / elapsed
+        left = (self.max_iter - iteration - 1) / rate if rate > 0 else float("inf")
+        terms = ", ".join(f"{k} {v:.3f}" for k, v in losses.items() if k.startswith("loss_"))
+        total = f"loss {losses['loss']:.3f}" if "loss" in losses else ""
+        return (f"{self.name}: iter {iteration + 1}/{self.max_iter}  {total}" + (f" ({terms})" if terms else "")
+                + f"  {rate:.2f} it/s  ETA {_duration(left)}")
+
     def close(self) -> None:
         if not self.enabled:
             return
         self.handle.close()
         self.bar.close()
         self.live.end()
+
+
+def _duration(seconds: float) -> str:
+    """``4m12s``, ``2h05m``, ``12s`` (``?`` when unknown)."""
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
