@@ -20,3 +20,16 @@ def load_params_from_args(args: argparse.Namespace) -> dict:
 
 def run_dir_for(params: dict, run_name: str, explicit: str | None = None) -> Path:
     return Path(explicit) if explicit else Path(params["train"]["runs_dir"]) / run_name
+
+
+def require_prepared(resolved: dict, split: str) -> Path:
+    """``<data.root>/<split>.json``, or exit 2 naming the command that prepares it."""
+    from sim_core.errors import InputError
+
+    data = resolved["data"]
+    path = Path(data["root"]) / f"{split}.json"
+    if not path.is_file():
+        args = f" {data['prepare_args']}" if str(data.get("prepare_args") or "").strip() else ""
+        raise InputError(path, f"prepared data not found; make it with: simbench prepare {data['dataset']}{args} "
+                               f"--out {data['root']} (or: dvc repro prepare)")
+    return path

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.common import add_params_arguments, load_params_from_args, run_dir_for
+from experiments.common import add_params_arguments, load_params_from_args, require_prepared, run_dir_for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +52,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
 
     params = load_params_from_args(args)
     resolved = resolve_run(params, args.run)
+    require_prepared(resolved, "val")
     run_dir = run_dir_for(params, args.run, args.run_dir)
     set_cpu_threads(resolved["train"])  # the training's thread count: same numbers whatever runs beside it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="fmt", required=True, choices=["adelaidet", "mmdet", "boxlevelset"])
+    parser.add_argument("--from", dest="fmt", required=True, choices=["adelaidet", "mmdet", "boxlevelset"],
+                        help="the code base that wrote the results: adelaidet (BoxInst, SIM), mmdet, boxlevelset")
     parser.add_argument("--file", dest="files", action="append", required=True,
                         help="upstream results file (repeat for *.segm.json and *.bbox.json)")
     parser.add_argument("--gt", required=True, help="the GT json the upstream run was tested on")

@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     voc.add_argument("--train-json", default=None, help="ready-made voc_2012_train_aug_cocostyle.json instead of SBD")
     voc.add_argument("--val-json", default=None, help="ready-made voc_2012_val_cocostyle.json")
     custom = kinds.add_parser("custom", help="any COCO-format images + jsons")
-    custom.add_argument("--images", required=True)
-    custom.add_argument("--train-ann", required=True)
-    custom.add_argument("--val-ann", required=True)
+    custom.add_argument("--images", required=True, help="folder the jsons' file_name entries are relative to")
+    custom.add_argument("--train-ann", required=True, help="COCO-format json of the training split")
+    custom.add_argument("--val-ann", required=True, help="COCO-format json of the validation split")
     for sub in (syn, c128, coco, voc, custom):
         sub.add_argument("--out", required=True, help="output directory")
 

@@ -14,6 +14,7 @@ the message names.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import time
@@ -61,13 +62,31 @@ def backup(path: Path) -> Path:
     return target
 
 
+def profile_description(path: Path, limit: int = 110) -> str:
+    """The profile file's opening comment, without its ``<name>:`` lead, cut to its first sentence."""
+    lines: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        text = line.lstrip("#").strip()
+        if not line.startswith("#") or (lines and not text[:1].islower()):  # a new sentence: the lead is over
+            break
+        lines.append(text)
+    text = " ".join(lines)
+    for lead in (f"{path.stem}:", f"{path.stem} profile:"):
+        if text.startswith(lead):
+            text = text[len(lead):].strip()
+    first = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    return first if len(first) <= limit else first[:limit - 3].rstrip() + "..."
+
+
 def main(args: argparse.Namespace) -> int:
     from sim_core.config import PROFILES_DIR, available_profiles, profile_path, read_yaml, validate_params
     from sim_core.errors import InputError
     from sim_core.io_utils import atomic_write_text
 
     if args.list or not args.name:
-        print("\n".join(available_profiles()))
+        names = available_profiles()
+        width = max(map(len, names))
+        print("\n".join(f"{name.ljust(width)}  {profile_description(PROFILES_DIR / f'{name}.yaml')}" for name in names))
         return 0
     path = profile_path(args.name)
     params = read_yaml(path)

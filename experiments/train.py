@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from experiments.common import add_params_arguments, load_params_from_args, run_dir_for
+from experiments.common import add_params_arguments, load_params_from_args, require_prepared, run_dir_for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +39,7 @@ def main(args: argparse.Namespace) -> int:
 
     params = load_params_from_args(args)  # validated (names, overrides the run would ignore) before torch loads
     resolved = resolve_run(params, args.run)
+    require_prepared(resolved, "train")
     from sim_core.engine.trainer import train_run
 
     prepare_weights(resolved["model"])  # weights cached (or downloaded) before any data or run dir is touched

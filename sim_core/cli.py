@@ -52,8 +52,18 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("simbench")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="simbench", description="Benchmark harness for box-supervised instance segmentation.")
+    parser.add_argument("--version", action="version", version=f"simbench {_version()}")
     sub = parser.add_subparsers(dest="verb", required=True, parser_class=OneLineParser)
     for verb, module_name in VERBS.items():
         module = importlib.import_module(module_name)

@@ -26,6 +26,7 @@ naming the place to set it.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,24 @@ def available_profiles() -> list[str]:
 def profile_path(name: str) -> Path:
     path = PROFILES_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise InputError("profile", f"unknown profile {quote(name)}; choose one of {', '.join(available_profiles())}")
+        raise InputError("profile", f"unknown profile {quote(name)}{did_you_mean(name, available_profiles())}; "
+                                    f"choose one of {', '.join(available_profiles())}")
     return path
+
+
+def did_you_mean(word: str, choices: list[str] | set[str], shown: str | None = None) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` (``""`` when none is close).
+
+    ``shown``: a template with ``{}`` for the match (a whole dotted key around a corrected part)."""
+    close = difflib.get_close_matches(str(word), sorted(map(str, choices)), n=1, cutoff=0.6)
+    return f" (did you mean {quote((shown or '{}').format(close[0]))}?)" if close else ""
+
+
+def unknown_key(dotted: str, index: int, known: list[str]) -> str:
+    """The message for an unknown params key whose part ``index`` is unknown; ``known``: that level's keys."""
+    parts = dotted.split(".")
+    template = ".".join([*parts[:index], "{}", *parts[index + 1:]])
+    return f"unknown params key {quote(dotted)}{did_you_mean(parts[index], known, template)}"
 
 
 def reference_params() -> dict:
@@ -122,12 +139,12 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     overwrite (see :func:`check_overrides`).
     """
     params = read_yaml(path)
-    parsed = [parse_override(o) for o in overrides or []]
+    parsed = [(key, integral_as_int(key, value)) for key, value in (parse_override(o) for o in overrides or [])]
     for key, _ in parsed:
         if key in RUN_ENTRY_KEYS and run is None:
             raise InputError("--set", f"'{key}' is set by each run entry (runs.<name>.{RUN_ENTRY_KEYS[key]} "
                                       f"in {path}), not with --set")
-    params = apply_overrides(params, dict(parsed), source=str(path))
+    params = apply_overrides(params, dict(parsed), source="--set")
     validate_params(params, source=str(path))
     if run is not None and parsed:
         resolved = resolve_run(params, run)
@@ -148,21 +165,36 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise InputError("--set", f"{key}: {exc}") from None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and YAML12_NUMBER.fullmatch(value.strip()):  # 1e3: a number in YAML 1.2
+        value = float(value.strip().replace("_", ""))
     return key, value
+
+
+# YAML 1.2 numbers that PyYAML (YAML 1.1) reads as text: exponents without a dot, such as 1e3 or 2E-4
+YAML12_NUMBER = re.compile(r"[-+]?(\d[\d_]*)?(\.\d*)?[eE][-+]?\d+")
+
+
+def integral_as_int(key: str, value: Any) -> Any:
+    """An integral float for a key whose default is an integer (``train.max_iter=1e3``) as that integer."""
+    default = get_dotted(reference_params(), key)
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def set_dotted(params: dict, key: str, value: Any, source: str = "--set", create: bool = False) -> None:
     """Set ``a.b.c`` in a nested dict; unknown keys are errors unless ``create``."""
     node = params
     parts = key.split(".")
-    for part in parts[:-1]:
+    for index, part in enumerate(parts[:-1]):
         if part not in node or not isinstance(node[part], dict):
             if not create:
-                raise InputError(source, f"unknown params key {quote(key)}")
+                raise InputError(source, unknown_key(key, index, [str(k) for k, v in node.items()
+                                                                  if isinstance(v, dict) and k != part]))
             node[part] = {}
         node = node[part]
     if parts[-1] not in node and not create:
-        raise InputError(source, f"unknown params key {quote(key)}")
+        raise InputError(source, unknown_key(key, len(parts) - 1, [str(k) for k in node]))
     node[parts[-1]] = value
 
 
@@ -208,7 +240,7 @@ def _check_against(node: dict, ref: dict, prefix: str, source: str) -> None:
     for key, value in node.items():
         dotted = f"{prefix}{key}"
         if key not in ref:
-            raise InputError(source, f"unknown params key {quote(dotted)}")
+            raise InputError(source, unknown_key(dotted, dotted.count("."), [str(k) for k in ref]))
         expected = ref[key]
         if value is None or dotted == "train.cpu_amp":
             continue

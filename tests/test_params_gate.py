@@ -250,3 +250,55 @@ def test_every_null_default_declares_its_kind():
 
     assert nulls(read_yaml(DEMO)) == set(NULLABLE_KINDS)
     load_params(DEMO, ["train.norm_weight_decay=0.0", "boxinst.pairwise_warmup_iters=null"])  # still accepted
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "--run", "mask_s0", "--set", "sim.alhpa=0.3"], "--set: unknown params key 'sim.alhpa' (did you "
+                                                             "mean 'sim.alpha'?)"),
+    (["train", "--run", "mask_s0", "--set", "trian.lr=0.3"], "(did you mean 'train.lr'?)"),
+    (["profile", "demmo"], "unknown profile 'demmo' (did you mean 'demo'?)"),
+    (["train", "--run", "mask_s0"], "prepared data not found; make it with: simbench prepare synthetic"),
+])
+def test_mistakes_get_a_suggestion(tmp_path, capsys, args, expected):
+    path = _params_text(tmp_path)
+    assert main([*args, "--params", str(path)] if args[0] != "profile" else
+                [*args, "--params", str(tmp_path / "p.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+
+
+def test_yaml12_numbers_in_set(tmp_path):
+    params = load_params(_params_text(tmp_path), ["train.max_iter=1e3", "train.lr=2E-4", "train.warmup_iters=2_0"])
+    assert params["train"]["max_iter"] == 1000 and isinstance(params["train"]["max_iter"], int)
+    assert params["train"]["lr"] == 2e-4 and params["train"]["warmup_iters"] == 20
+    with pytest.raises(InputError, match="train.max_iter' must be a positive integer"):
+        load_params(_params_text(tmp_path), ["train.max_iter=2.5e0"])
+
+
+def test_version_and_profile_list(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("simbench ")
+    assert main(["profile", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("demo ") and "synthetic data" in line for line in lines)
+    assert all(len(line.split(None, 1)) == 2 for line in lines)  # every profile has its description
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from sim_core.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)) and not action.help:
+                missing.append(f"{' '.join(path)} {action.option_strings or action.dest}")
+
+    walk(build_parser(), ["simbench"])
+    assert not missing, missing

@@ -1,17 +1,24 @@
-"""The tree filter's two passes as one autograd node equal the per-level autograd version.
+"""The tree filter's pointer-jumping passes equal the level-by-level version.
 
-``tree_filter`` runs the leaf-to-root and root-to-leaf passes without
+``tree_filter`` runs the leaf-to-root and root-to-leaf passes by pointer
+jumping (``ceil(log2 depth)`` doubling steps over all nodes) without
 autograd and supplies the gradient itself (:class:`_TreePasses`);
-``tree_filter_reference`` is the straightforward per-level version it
-replaced (kept in ``baselines/tree_filter.py``, restated here in
-:func:`per_level_filter`). Outputs must match exactly in float64 and to
-rounding in float32, gradients w.r.t. the features and the edge weights too.
+``tree_filter_reference`` is the straightforward per-level version (one
+step per BFS level, autograd through every level; kept in
+``baselines/tree_filter.py``, restated here in :func:`per_level_filter`).
+Outputs must match to rounding in float64 and float32, gradients w.r.t. the
+features and the edge weights too, also on chain-like trees deeper than
+500 levels whose path products underflow; and the number of tensor
+operations of a filter call must grow with ``log2`` of the depth only.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from baselines.tree_filter import (build_tree_schedule, tree_edge_weights, tree_filter,
                                    tree_filter_reference)
@@ -88,9 +95,6 @@ def test_float32_demo_sized_maps_agree_to_rounding():
     features = torch.rand(8, 32, 32, 32, generator=g)
     schedule, out = compare(features, guide, dtype=torch.float32, rtol=1e-6, grad_rtol=1e-6, embed_grad=False)
     assert schedule.depth > 20
-    # the forward is the same arithmetic in the same order: bitwise equal
-    weights = tree_edge_weights(guide, schedule)
-    assert torch.equal(tree_filter(features, schedule, weights), tree_filter_reference(features, schedule, weights))
 
 
 def test_float32_weight_gradient_is_as_accurate_as_before():
@@ -153,3 +157,116 @@ def test_schedule_parent_index_matches_parents():
         level = order[starts[d]:starts[d + 1]]
         parents_level = order[starts[d - 1]:starts[d]]
         assert torch.equal(parents_level[schedule.parent_pos[d]], schedule.parent[level])
+
+
+def test_jump_tables_are_the_power_of_two_ancestors():
+    g = torch.Generator().manual_seed(8)
+    schedule = build_tree_schedule(torch.randn(2, 3, 11, 13, generator=g))
+    parent = schedule.parent.numpy()
+    assert len(schedule.jumps) == (schedule.depth - 1).bit_length()  # 2^K >= number of levels
+    ancestor = np.arange(parent.size)
+    for k, jump in enumerate(schedule.jumps):
+        for _ in range(2 ** k - (2 ** (k - 1) if k else 0)):
+            ancestor = parent[ancestor]  # 2^k steps up in all (a root stays put)
+        assert np.array_equal(jump.numpy(), ancestor)
+    assert torch.equal(schedule.roots.sort().values, torch.nonzero(schedule.parent == torch.arange(parent.size)).flatten())
+
+
+def test_schedule_without_jump_tables_derives_them():
+    g = torch.Generator().manual_seed(9)
+    guide = torch.randn(2, 3, 9, 10, generator=g, dtype=torch.float64)
+    features = torch.randn(2, 2, 9, 10, generator=g, dtype=torch.float64)
+    schedule = build_tree_schedule(guide)
+    bare = dataclasses.replace(schedule, roots=None, jumps=None)
+    weights = tree_edge_weights(guide, schedule, 2.0)
+    assert torch.equal(tree_filter(features, bare, weights), tree_filter(features, schedule, weights))
+
+
+def snake_guide(batch: int, height: int, width: int, noise: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """A guide rising by 1 along a serpentine path through the grid, so its MST is that path.
+
+    Every other 4-neighbour differs by more than 1 (rows run in alternate
+    directions), so the tree is a chain of ``height * width`` nodes, depth
+    about half of that from its centre; ``noise`` (< 0.5) in ``[0, noise)``
+    reorders near-equal edges and branches the chain here and there.
+    """
+    path = torch.arange(height * width).reshape(height, width)
+    path[1::2] = path[1::2].flip(1)
+    guide = path.double().expand(batch, 1, height, width).clone()
+    g = torch.Generator().manual_seed(seed)
+    return guide + noise * torch.rand(guide.shape, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.45])
+@pytest.mark.parametrize("regime", ["near_one", "long_products_underflow", "tiny"])
+def test_deep_chain_like_trees_agree_in_float64_and_float32(regime, noise):
+    """Depth > 500: weights near 1 (long-range sums), ~0.8 (a path product underflows float32
+    after ~400 edges and float64 after ~3000) and ~1e-18 (every product of two underflows)."""
+    height, width = 24, 48
+    guide = snake_guide(2, height, width, noise)
+    schedule = build_tree_schedule(guide)
+    assert schedule.depth > 500
+    scale = {"near_one": 0.02, "long_products_underflow": 0.2, "tiny": 1.0}[regime]
+    g = torch.Generator().manual_seed(12)
+    embed = torch.randn(2, 3, height, width, generator=g, dtype=torch.float64) * scale
+    features = torch.randn(2, 4, height, width, generator=g, dtype=torch.float64)
+    upstream = torch.randn(2, 4, height, width, generator=g, dtype=torch.float64)
+    results = {}
+    for name, fn, dtype in (("truth", per_level_filter, torch.float64), ("new64", tree_filter, torch.float64),
+                            ("new32", tree_filter, torch.float32), ("old32", per_level_filter, torch.float32)):
+        f = features.to(dtype, copy=True).requires_grad_()
+        e = embed.to(dtype, copy=True).requires_grad_()
+        out = fn(f, schedule, tree_edge_weights(e, schedule))
+        (out * upstream.to(dtype)).sum().backward()
+        results[name] = [t.double() for t in (out.detach(), f.grad, e.grad)]
+    if regime == "long_products_underflow":
+        weights = tree_edge_weights(embed, schedule).float()
+        assert weights.median() ** 1000 == 0.0  # products along the chain do underflow in float32
+    for name, rtol in (("new64", 1e-10), ("new32", 1e-5)):
+        for got, truth in zip(results[name], results["truth"]):
+            error = ((got - truth).abs().max() / truth.abs().max()).item()
+            assert error < rtol, (name, error)
+    # float32: no less accurate than the level-by-level form
+    for got, old, truth in zip(results["new32"], results["old32"], results["truth"]):
+        scale = truth.abs().max()
+        assert (got - truth).abs().max() / scale <= 2 * (old - truth).abs().max() / scale + 1e-7
+
+
+class CountAten(TorchDispatchMode):
+    """ATen operators run (each one kernel launch or less): forward and autograd's backward alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations_per_call(fn, schedule, features, embed) -> int:
+    """ATen operators of one filter call, forward and backward (features and edge weights)."""
+    f = features.clone().requires_grad_()
+    w = tree_edge_weights(embed, schedule).detach().requires_grad_()
+    with CountAten() as counter:
+        fn(f, schedule, w).sum().backward()
+    return counter.count
+
+
+def test_operation_count_grows_with_log_depth_only():
+    """Chains of depth ~50 and ~1150 (K = 6 and 11 doubling steps; 11 is also the step count of
+    a 200 x 336 COCO grid): the count grows by a few operations per step, stays under 200, and
+    the level-by-level reference's grows with the depth (the counter sees the loops)."""
+    g = torch.Generator().manual_seed(13)
+    counts, reference_counts, steps = [], [], []
+    for height, width in ((4, 25), (48, 48)):
+        schedule = build_tree_schedule(snake_guide(2, height, width))
+        features = torch.rand(2, 5, height, width, generator=g)
+        embed = torch.randn(2, 3, height, width, generator=g) * 0.1
+        counts.append(operations_per_call(tree_filter, schedule, features, embed))
+        reference_counts.append(operations_per_call(per_level_filter, schedule, features, embed))
+        steps.append(len(schedule.jumps))
+    assert steps == [6, 11]
+    assert counts[1] <= 200
+    assert counts[1] - counts[0] <= 12 * (steps[1] - steps[0])  # ~10 per step: 4 passes + products
+    assert reference_counts[1] > 10 * reference_counts[0] > 10 * counts[1]
