@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -20,6 +21,13 @@ def load_params_from_args(args: argparse.Namespace) -> dict:
 
 def run_dir_for(params: dict, run_name: str, explicit: str | None = None) -> Path:
     return Path(explicit) if explicit else Path(params["train"]["runs_dir"]) / run_name
+
+
+def split_mask_counts(path: Path) -> tuple[int, int]:
+    """``(with a mask, all)`` non-crowd annotations of a prepared split json (box-only data has none)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    solid = [a for a in data.get("annotations", []) if not a.get("iscrowd")]
+    return sum(bool(a.get("segmentation")) for a in solid), len(solid)
 
 
 def require_prepared(resolved: dict, split: str) -> Path:

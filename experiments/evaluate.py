@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.common import add_params_arguments, load_params_from_args, require_prepared, run_dir_for
+from experiments.common import (add_params_arguments, load_params_from_args, require_prepared, run_dir_for,
+                                split_mask_counts)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,8 +71,16 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     atomic_write_json(run_dir / "segm.json", segm, indent=None)
     atomic_write_json(run_dir / "bbox.json", bbox, indent=None)
     backend = args.backend or resolved["evaluate"]["backend"]
-    metrics = evaluate_coco(gt_path, {"segm": segm, "bbox": bbox}, iou_types=("segm", "bbox"), backend=backend)
-    if args.voc or resolved["evaluate"].get("voc_metrics"):
+    with_masks, instances = split_mask_counts(gt_path)
+    if with_masks < instances:  # box-only val: box AP only; mask AP shown as missing, never as 0
+        print(f"mask AP cannot be computed: {instances - with_masks} of {instances} instances in {gt_path} have "
+              "no mask; reporting box AP only", file=sys.stderr)
+        metrics = evaluate_coco(gt_path, {"bbox": bbox}, iou_types=("bbox",), backend=backend)
+        metrics = {"segm": {key: None for key in metrics["bbox"]}, **metrics,
+                   "segm_unavailable": f"{instances - with_masks} of {instances} val instances have no mask"}
+    else:
+        metrics = evaluate_coco(gt_path, {"segm": segm, "bbox": bbox}, iou_types=("segm", "bbox"), backend=backend)
+    if (args.voc or resolved["evaluate"].get("voc_metrics")) and "segm_unavailable" not in metrics:
         from sim_core.evaluation.coco_eval import evaluate_voc
 
         metrics["voc"] = evaluate_voc(gt_path, segm, iou_type="segm", backend=backend)

@@ -28,12 +28,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     voc.add_argument("--sbd", default=None, help="SBD folder (dataset/inst, dataset/cls, ...)")
     voc.add_argument("--train-json", default=None, help="ready-made voc_2012_train_aug_cocostyle.json instead of SBD")
     voc.add_argument("--val-json", default=None, help="ready-made voc_2012_val_cocostyle.json")
-    custom = kinds.add_parser("custom", help="any COCO-format images + jsons")
-    custom.add_argument("--images", required=True, help="folder the jsons' file_name entries are relative to")
+    custom = kinds.add_parser("custom", help="any COCO-format images + jsons (masks optional: box-only data works)")
+    custom.add_argument("--images", default=None, help="folder the jsons' file_name entries are relative to "
+                                                      "(both splits)")
+    custom.add_argument("--train-images", default=None, help="the training split's own image folder "
+                                                            "(with --val-images, instead of --images)")
+    custom.add_argument("--val-images", default=None, help="the validation split's own image folder")
     custom.add_argument("--train-ann", required=True, help="COCO-format json of the training split")
     custom.add_argument("--val-ann", required=True, help="COCO-format json of the validation split")
     for sub in (syn, c128, coco, voc, custom):
         sub.add_argument("--out", required=True, help="output directory")
+
+
+def custom_image_folders(args: argparse.Namespace) -> tuple[Path, Path]:
+    """``(train images, val images)`` from ``--images`` or the pair ``--train-images``/``--val-images``."""
+    from sim_core.errors import InputError
+
+    pair = (args.train_images, args.val_images)
+    if args.images and any(pair):
+        raise InputError("prepare custom", "give --images (one folder for both splits) or --train-images with "
+                                           "--val-images, not both")
+    if args.images:
+        return Path(args.images), Path(args.images)
+    if not all(pair):
+        given = "--train-images" if args.train_images else "--val-images" if args.val_images else "no image folder"
+        raise InputError("prepare custom", f"{given} alone: give --images DIR, or both --train-images and "
+                                           "--val-images")
+    return Path(args.train_images), Path(args.val_images)
 
 
 def synthetic_config(args: argparse.Namespace) -> dict:
@@ -77,7 +98,9 @@ def main(args: argparse.Namespace) -> int:
         else:
             summary = voc.prepare_voc(out, Path(args.voc), Path(args.sbd) if args.sbd else None)
     else:
-        summary = prep.prepare_custom(out, Path(args.images), Path(args.train_ann), Path(args.val_ann))
+        train_images, val_images = custom_image_folders(args)
+        summary = prep.prepare_custom(out, train_images, Path(args.train_ann), Path(args.val_ann),
+                                      val_images=val_images)
     print(f"prepared {args.kind} -> {out}")
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=None))
     return 0

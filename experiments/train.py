@@ -21,7 +21,8 @@ import argparse
 import os
 import sys
 
-from experiments.common import add_params_arguments, load_params_from_args, require_prepared, run_dir_for
+from experiments.common import (add_params_arguments, load_params_from_args, require_prepared, run_dir_for,
+                                split_mask_counts)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,13 +34,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sim_core.config import resolve_run
+    from sim_core.config import METHODS_NEEDING_MASKS, resolve_run
+    from sim_core.errors import InputError
 
     from sim_core.model.pretrained import prepare_weights
 
     params = load_params_from_args(args)  # validated (names, overrides the run would ignore) before torch loads
     resolved = resolve_run(params, args.run)
-    require_prepared(resolved, "train")
+    train_json = require_prepared(resolved, "train")
+    method = resolved["train"]["method"]
+    if method in METHODS_NEEDING_MASKS:
+        with_masks, total = split_mask_counts(train_json)
+        if with_masks < total:
+            raise InputError(f"run '{args.run}'", f"method '{method}' trains on ground-truth masks, but "
+                                                 f"{total - with_masks} of {total} instances in {train_json} "
+                                                 "have only a box; use a box-supervised method")
     from sim_core.engine.trainer import train_run
 
     prepare_weights(resolved["model"])  # weights cached (or downloaded) before any data or run dir is touched

@@ -37,6 +37,7 @@ from sim_core.errors import InputError, quote, shorten
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "experiments" / "profiles"
 METHODS = ("mask", "boxmask", "boxinst", "boxlevelset", "sim")
+METHODS_NEEDING_MASKS = ("mask",)  # trained on ground-truth masks: refused on box-only training data
 # The kind of value a key takes whose demo value is ``null`` (``null`` itself is always allowed there).
 NULLABLE_KINDS = {"train.norm_weight_decay": "number", "boxinst.pairwise_warmup_iters": "number",
                   "sim.pairwise_color_thresh": "number", "report.main": "list", "report.components": "list",

@@ -23,6 +23,7 @@ Everything else that is malformed is rejected.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -82,6 +83,17 @@ class CocoData:
         counts = Counter(kind for kind, _, _ in self.events)
         return {kind: counts.get(kind, 0) for kind in FIX_KINDS}
 
+    @property
+    def instances_with_masks(self) -> tuple[int, int]:
+        """``(with a mask, all)`` non-crowd annotations: box-only data has no masks."""
+        solid = [a for anns in self.annotations.values() for a in anns if not a["iscrowd"]]
+        return sum("segmentation" in a for a in solid), len(solid)
+
+    @property
+    def masks_complete(self) -> bool:
+        with_masks, total = self.instances_with_masks
+        return with_masks == total
+
     def image_path(self, image_id: int) -> Path:
         return self.image_dir / self.images[image_id]["file_name"]
 
@@ -100,6 +112,13 @@ class CocoData:
             events=[e for e in self.events if e[1] in wanted],
             extra=self.extra,
         )
+
+    def with_categories(self, keep: set[int]) -> "CocoData":
+        """The same data with only the categories ``keep`` (labels renumbered; every annotation must use one)."""
+        categories = [c for c in self.categories if c["id"] in keep]
+        cat_id_to_label = {c["id"]: label for label, c in enumerate(categories)}
+        return dataclasses.replace(self, categories=categories, cat_id_to_label=cat_id_to_label,
+                                   label_to_cat_id={label: cid for cid, label in cat_id_to_label.items()})
 
     def to_json(self, file_name_prefix: str = "") -> dict:
         """The cleaned COCO dict (skipped records removed, boxes clipped).
@@ -133,7 +152,7 @@ def load_coco(
     file is otherwise reported, with its name, when the dataset reads it).
     """
     ann_path, image_dir = Path(ann_path), Path(image_dir)
-    checked = check_gt(read_json(ann_path, "annotation"), ann_path, purpose="train")
+    checked = check_gt(read_json(ann_path, "annotation"), ann_path, purpose="train", require_segmentation=False)
     images = checked.images
     annotations: dict[int, list[dict]] = {i: [] for i in images}
     for ann in checked.annotations:

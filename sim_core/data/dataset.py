@@ -76,6 +76,19 @@ class CocoDetectionDataset(Dataset):
         state = np.random.SeedSequence([int(self.seed), self.epoch, int(index)]).generate_state(1)[0]
         return torch.Generator().manual_seed(int(state))
 
+    @staticmethod
+    def _instance_mask(ann: dict, height: int, width: int) -> torch.Tensor:
+        """``[h, w]`` uint8: the annotation's mask, or for a box-only annotation its filled box (the pixels
+        it overlaps), so that a batch keeps one layout; only the ``mask`` method reads masks as targets and
+        it refuses box-only data (``sim_core.config.METHODS_NEEDING_MASKS``)."""
+        if "segmentation" in ann:
+            decoded = mask_utils.decode(annotation_rle(ann["segmentation"], height, width))
+            return torch.from_numpy(np.ascontiguousarray(decoded))
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        mask = torch.zeros((height, width), dtype=torch.uint8)
+        mask[int(y):max(int(np.ceil(y + h)), int(y) + 1), int(x):max(int(np.ceil(x + w)), int(x) + 1)] = 1
+        return mask
+
     def load_instances(self, image_id: int) -> tuple[torch.Tensor, dict]:
         """The untransformed image and non-crowd targets of one image."""
         record = self.data.images[image_id]
@@ -90,9 +103,7 @@ class CocoDetectionDataset(Dataset):
                 self._images[image_id] = image.clone()
         anns = [a for a in self.data.annotations[image_id] if not a["iscrowd"]]
         if anns:
-            rles = [annotation_rle(a["segmentation"], height, width) for a in anns]
-            decoded = mask_utils.decode(rles)  # [h, w, N], Fortran order
-            masks = torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1)))
+            masks = torch.stack([self._instance_mask(a, height, width) for a in anns])
             xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)
             boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1).float()
         else:

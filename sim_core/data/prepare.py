@@ -105,14 +105,53 @@ def prepare_coco(out: Path, root: Path) -> dict:
 
 
 def prepare_custom(
-    out: Path, images: Path, train_ann: Path, val_ann: Path, decode_images: bool = False
+    out: Path, images: Path, train_ann: Path, val_ann: Path, decode_images: bool = False,
+    val_images: Path | None = None,
 ) -> dict:
-    """Validate a user's train/val COCO jsons against one image folder and link it.
+    """Validate a user's train/val COCO jsons against their image folder(s) and link them.
 
-    Image headers are always checked; ``decode_images`` also decodes every
-    image (slower; catches files corrupted after the header).
+    Annotations may lack masks (box-only data: no ``segmentation``, or an
+    empty one); the summary counts the instances that have one. Categories
+    that no annotation of either split uses (annotation tools export group
+    and background categories) are dropped and listed in the summary, so
+    they are not trained as classes. With one folder for both splits it is
+    linked as ``images/``; with a folder per split they are linked as
+    ``images/train`` and ``images/val``. Image headers are always checked;
+    ``decode_images`` also decodes every image (slower; catches files
+    corrupted after the header). ``images``: both splits' folder, or the
+    training split's when ``val_images`` names the validation split's.
     """
-    return prepare_linked(out, "custom", images, train_ann, val_ann, decode_images=decode_images)
+    train_images, val_images = Path(images), Path(val_images if val_images is not None else images)
+    if train_images.resolve() == val_images.resolve():
+        return prepare_linked(out, "custom", train_images, train_ann, val_ann, decode_images=decode_images,
+                              drop_unused_categories=True)
+    check_out_is_separate(out, [train_images, val_images, Path(train_ann).parent, Path(val_ann).parent])
+    splits = {"train": load_coco(train_ann, train_images, decode_images=decode_images),
+              "val": load_coco(val_ann, val_images, decode_images=decode_images)}
+    splits, dropped = without_unused_categories(splits)
+    _check_same_categories(splits["train"], splits["val"])
+    inputs = {"train_images": str(train_images.resolve()), "val_images": str(val_images.resolve()),
+              "train_ann": str(Path(train_ann).resolve()), "val_ann": str(Path(val_ann).resolve()),
+              "dropped_unused_categories": dropped}
+    out = Path(out)
+    with atomic_directory(out) as tmp:
+        (tmp / "images").mkdir()
+        link_dir(train_images, tmp / "images" / "train")
+        link_dir(val_images, tmp / "images" / "val")
+        _write_splits(tmp, splits, {"train": "train/", "val": "val/"})
+        summary = build_summary("custom", splits, inputs)
+        atomic_write_json(tmp / "summary.json", summary)
+    return summary
+
+
+def without_unused_categories(splits: dict[str, CocoData]) -> tuple[dict[str, CocoData], list[dict]]:
+    """The splits without the categories no annotation of any split uses, and those categories."""
+    used = {a["category_id"] for data in splits.values() for anns in data.annotations.values() for a in anns}
+    first = next(iter(splits.values()))
+    dropped = [{"id": c["id"], "name": c["name"]} for c in first.categories if c["id"] not in used]
+    if not dropped:
+        return splits, []
+    return {name: data.with_categories(used) for name, data in splits.items()}, dropped
 
 
 def prepare_linked(
@@ -123,6 +162,7 @@ def prepare_linked(
     val_ann: Path,
     source: dict[str, Any] | None = None,
     decode_images: bool = False,
+    drop_unused_categories: bool = False,
 ) -> dict:
     """Shared by ``custom`` and ready-made jsons (VOC cocostyle): validate both splits, link the images."""
     images = Path(images)
@@ -131,6 +171,10 @@ def prepare_linked(
         "train": load_coco(train_ann, images, decode_images=decode_images),
         "val": load_coco(val_ann, images, decode_images=decode_images),
     }
+    dropped: list[dict] = []
+    if drop_unused_categories:
+        splits, dropped = without_unused_categories(splits)
+        source = {**(source or {}), "dropped_unused_categories": dropped}
     _check_same_categories(splits["train"], splits["val"])
     inputs = {"images": str(images.resolve()), "train_ann": str(Path(train_ann).resolve()),
               "val_ann": str(Path(val_ann).resolve())}

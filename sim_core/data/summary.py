@@ -47,6 +47,7 @@ def split_summary(data: CocoData) -> dict[str, Any]:
         "images_without_annotations": no_annotations,
         "images_without_instances": no_instances,
         "instances": instances,
+        "instances_with_masks": data.instances_with_masks[0],  # box-only annotations have none
         "crowd": crowd,
         "per_class": per_class,
         "sizes": sizes,

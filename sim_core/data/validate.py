@@ -229,8 +229,7 @@ def _check_annotation(where: str, index: int, ann: Any, images: dict[int, dict],
     record = _record("annotations", index, ann)
     if not isinstance(ann, dict):
         raise InputError(where, f"annotation must be an object, got {type(ann).__name__}", record=record)
-    needed = ["id", "image_id", "category_id", "bbox"] + (["segmentation"] if require_segmentation
-                                                         or "area" not in ann else [])
+    needed = ["id", "image_id", "category_id", "bbox"] + (["segmentation"] if require_segmentation else [])
     missing = [k for k in needed if k not in ann]
     if missing:
         raise InputError(where, f"annotation lacks {', '.join(missing)}", record=record)
@@ -252,7 +251,9 @@ def _check_annotation(where: str, index: int, ann: Any, images: dict[int, dict],
         raise InputError(where, f"area must be a finite non-negative number, got {quote(area)}", record=record)
     cleaned = dict(ann)
     cleaned["iscrowd"] = int(crowd)
-    if "segmentation" in ann:
+    if not require_segmentation and ann.get("segmentation", None) in ([], None, {}):
+        cleaned.pop("segmentation", None)  # a box-only annotation: no mask (annotation tools write [] or null)
+    elif "segmentation" in ann:
         img = images[image_id]
         cleaned["segmentation"] = check_segmentation(where, record, ann["segmentation"], img["height"], img["width"])
     return cleaned, record
@@ -318,7 +319,9 @@ def _repair(checked: CheckedCoco, ann: dict, purpose: str) -> dict | None:
                 return None
             kept = {"size": [height, width], "counts": [height * width]}  # an empty mask, the object still counts
         ann["segmentation"] = kept
-    if purpose == "train" and ann.get("area") is None:
+    if ann.get("area") is None and "segmentation" not in ann:
+        ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])  # box-only: the box's area
+    elif purpose == "train" and ann.get("area") is None:
         from sim_core.data.coco import annotation_rle
         from pycocotools import mask as mask_utils
 

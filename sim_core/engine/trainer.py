@@ -162,6 +162,13 @@ class Trainer:
         self.dist: DistInfo = init_distributed(self.device)
         seed_everything(int(self.cfg["seed"]) + self.dist.rank)
         self.coco, self.dataset = build_train_data(params)
+        self.diagnostics = bool(self.cfg.get("supervision_diagnostics", True))
+        with_masks, instances = self.coco.instances_with_masks
+        if self.diagnostics and with_masks < instances:  # they score targets against GT masks: none to score
+            self.diagnostics = False
+            if self.dist.is_main:
+                print(f"supervision diagnostics off: {instances - with_masks} of {instances} training instances "
+                      "have no mask (box-only data)", flush=True)
         num_classes = len(self.coco.label_to_cat_id)
         # The model is built from the run seed alone so every process starts identical.
         seed_everything(int(self.cfg["seed"]))
@@ -283,7 +290,7 @@ class Trainer:
 
     def diagnose_at(self, iteration: int, max_iter: int) -> bool:
         """Whether this iteration computes the supervision-quality diagnostics (a logged one)."""
-        if not bool(self.cfg.get("supervision_diagnostics", True)):
+        if not self.diagnostics:
             return False
         log_every = max(1, int(self.cfg.get("log_every", 20)))
         return iteration % log_every == 0 or iteration == max_iter - 1
