@@ -39,16 +39,20 @@ Why this file is written the way it is:
   ``2^(k+1)`` edges below) give the leaf-to-root pass, and ``K`` steps of
   ``F(v) += p_k(v) F(anc_k(v))`` (one gather) the root-to-leaf pass, for all
   nodes of all images at once. A filter call is a fixed number of tensor
-  operations per ``log2`` of the depth (about 80 forward and 60 backward at
-  800 x 1344 input, depth ~1000, instead of ~10,000 with one or a few per
-  level), at ``O(N K)`` instead of ``O(N)`` work. The path products only
-  multiply weights in ``[0, 1]``: an underflow to ``0`` drops a term below
-  ``1e-38`` of the node's own (weight-1) term, nothing else; there is no
-  division by a product. The ancestor tables ``anc_k`` are integer
-  bookkeeping of the tree, built with it. Rooting each tree at its centre
-  (middle of a longest path) halves the depth. ``tree_filter_reference``
-  is the level-by-level form (one step per BFS level), kept as the
-  reference the tests compare with.
+  operations per step: at 800 x 1344 input (a 200 x 336 grid, depth
+  ~1000-1200, ``K = 11``) 82 ATen operators forward and 75 backward,
+  where one or a few per level made ~5,900 each way (GPU launch-bound).
+  The price is ``O(N K)`` instead of ``O(N)`` arithmetic: on the CPU about
+  1.2-2x the previous time at that size, the same or less at demo size
+  (``experiments/tree_filter_bench.py``). The path products only multiply
+  weights in ``[0, 1]``: a product that underflows drops a term smaller
+  than ``1e-38`` times a partial sum, next to a normaliser ``>= 1``;
+  nothing is divided by a product. The ancestor tables ``anc_k`` are
+  integer bookkeeping of the tree, built with it. Rooting each tree at its
+  centre (middle of a longest path) halves the depth.
+  ``tree_filter_reference`` is the level-by-level form (one step per BFS
+  level, autograd through each), kept as the reference the tests compare
+  with.
 """
 from __future__ import annotations
 

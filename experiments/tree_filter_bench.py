@@ -27,6 +27,7 @@ filtered values are random maps of ``--channels`` channels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -37,8 +38,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from baselines.tree_filter import (TreeSchedule, _filtered_features, _tree_order_inputs, build_tree_schedule,
-                                   tree_edge_weights, tree_filter)
+from baselines.tree_filter import (TreeSchedule, _filtered_features, _tree_order_inputs, _TreePasses,
+                                   build_tree_schedule, tree_edge_weights, tree_filter)
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_IMAGES = REPO / ".." / "shared" / "datasets" / "coco128" / "images"
@@ -99,6 +100,7 @@ def levelwise_tree_filter(features: torch.Tensor, schedule: TreeSchedule, edge_w
 
 
 FORMS = {"levelwise": levelwise_tree_filter, "jumping": tree_filter}
+PASSES = {levelwise_tree_filter: _LevelwisePasses, tree_filter: _TreePasses}  # their autograd nodes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,19 +134,42 @@ class CountAten(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_operations(form, features, schedule, weights_from) -> dict[str, int]:
+@contextlib.contextmanager
+def calls_inside_backward(function: type[torch.autograd.Function], calls: CountCalls):
+    """Count ``function.backward``'s torch calls into ``calls`` too.
+
+    The autograd engine runs backward functions without the caller's torch
+    function modes, so the mode is entered again inside the custom
+    ``backward`` (autograd's built-in formulas are seen by ``CountAten`` only).
+    """
+    original = function.backward
+
+    def backward(ctx, *grads):
+        with CountCalls() as inner:
+            result = original(ctx, *grads)
+        calls.count += inner.count
+        return result
+
+    function.backward = staticmethod(backward)
+    try:
+        yield
+    finally:
+        function.backward = staticmethod(original)
+
+
+def count_operations(form, features, schedule, weights) -> dict[str, int]:
     """Operations of one filter call: forward (``form(...)``) and backward (``out.backward``)."""
     counts = {}
     for phase in ("forward", "backward"):
         f = features.detach().clone().requires_grad_()
-        w = weights_from().detach().requires_grad_()
+        w = weights.detach().clone().requires_grad_()
         if phase == "forward":
             with CountCalls() as calls, CountAten() as aten:
                 out = form(f, schedule, w)
         else:
             out = form(f, schedule, w)
             grad = torch.ones_like(out)
-            with CountCalls() as calls, CountAten() as aten:
+            with CountCalls() as calls, CountAten() as aten, calls_inside_backward(PASSES[form], calls):
                 out.backward(grad)
         counts[f"{phase}_calls"] = calls.count
         counts[f"{phase}_aten"] = aten.count
@@ -221,7 +246,7 @@ def run(batch: int, height: int, width: int, channels: int, guide: str, repeats:
            "sigma": sigma, "depth": schedule.depth, "jump_steps": len(schedule.jumps or ()),
            "build_s": round(build_s, 4), "threads": torch.get_num_threads()}
     for name, form in FORMS.items():
-        for key, value in count_operations(form, features, schedule, lambda: weights).items():
+        for key, value in count_operations(form, features, schedule, weights).items():
             row[f"{name}_{key}"] = value
     times = {name: [] for name in FORMS}
     for _ in range(repeats + 1):  # the first round warms up
@@ -245,8 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=[5, 16])
     parser.add_argument("--guides", nargs="+", default=["coco", "random"], choices=["coco", "random"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for guide in args.guides:
         for channels in args.channels:
