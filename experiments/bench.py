@@ -7,7 +7,8 @@ scikit-image per image, faster-coco-eval against pycocotools). Nothing here
 asserts a speed; tests never time anything.
 
 Sections (``--only`` picks some): ``methods``, ``engine_vs_torchvision``,
-``lab``, ``coco_eval``, ``data``, ``mask_grid``, ``memory``, ``ddp``, ``backbones``,
+``lab``, ``coco_eval``, ``eval_masks`` (one image's mask post-processing at COCO size, on the host vs where
+the model ran), ``data``, ``mask_grid``, ``memory``, ``ddp``, ``backbones``,
 ``diagnostics`` (a step with vs without the supervision-quality diagnostics), ``profile`` (where
 the CPU time of a demo step of each method and of the evaluation stage goes; ``--iters`` profiled
 steps, the first ``--batch`` training samples of the params' data, ``--val-images``),
@@ -22,8 +23,8 @@ import platform
 import time
 from pathlib import Path
 
-SECTIONS = ("methods", "engine_vs_torchvision", "lab", "coco_eval", "data", "mask_grid", "memory", "ddp",
-            "backbones", "diagnostics", "profile")
+SECTIONS = ("methods", "engine_vs_torchvision", "lab", "coco_eval", "eval_masks", "data", "mask_grid", "memory",
+            "ddp", "backbones", "diagnostics", "profile")
 EXTRA_SECTIONS = ("device_check",)  # only when asked for with --only
 
 

@@ -365,6 +365,36 @@ def bench_coco_eval(s: BenchSettings) -> dict:
             "speedup": round(timings["pycocotools"] / timings["faster"], 2), "max_abs_metric_difference": max_diff}
 
 
+def bench_eval_masks(s: BenchSettings) -> dict:
+    """One image's mask post-processing at COCO size (800 x 1066 input, 480 x 640 original, 100 detections):
+    float probabilities copied to the host and thresholded there (``host``) against resized and thresholded
+    where the model ran, only ``uint8`` copied (``device``, what ``predict_split`` does); the same results."""
+    import torch
+
+    from sim_core.evaluation.predictions import binarize_masks, predictions_to_coco
+
+    generator = torch.Generator().manual_seed(0)
+    input_size, orig_size, count = (800, 1066), (480, 640), 100
+    masks = torch.rand((count, 800, 1088), generator=generator)  # padded to the size divisibility
+    pred = {"boxes": torch.tensor([[10.0, 20.0, 300.0, 400.0]] * count), "scores": torch.linspace(1, 0.1, count),
+            "labels": torch.zeros(count, dtype=torch.int64)}
+
+    def host() -> list:
+        return predictions_to_coco([{**pred, "masks": masks.cpu()}], [1], [orig_size], [input_size], {0: 1})[0]
+
+    def device() -> list:
+        binary = binarize_masks(masks, input_size, orig_size, 0.5).cpu()
+        return predictions_to_coco([{**pred, "masks": binary}], [1], [orig_size], [input_size], {0: 1})[0]
+
+    same = host() == device()
+    host_s, device_s = time_it(host, max(1, s.iters // 3), warmup=1), time_it(device, max(1, s.iters // 3), warmup=1)
+    return {"input": list(input_size), "original": list(orig_size), "detections": count, "same_results": same,
+            "host_s_per_image": round(host_s, 4), "device_s_per_image": round(device_s, 4),
+            "ratio_device_to_host": round(device_s / host_s, 3),
+            "host_copy_mb": round(masks.numel() * 4 / 2**20, 1),
+            "device_copy_mb": round(count * orig_size[0] * orig_size[1] / 2**20, 1)}
+
+
 def bench_data(s: BenchSettings) -> dict:
     """Samples per second the data pipeline delivers vs the demo training consumes."""
     from sim_core.data.coco import load_coco

@@ -201,7 +201,9 @@ def test_dcn_with_weights_freezes_batchnorm_before_loading(tmp_path, monkeypatch
                                                                     if "BatchNorm" in type(m).__name__}))
     with torch.device("meta"):
         build_resnet_dcn({"dcn_interval": 3, "pretrained": str(tmp_path / "r101.pth")})
-    assert seen["norms"] == {torchvision.ops.FrozenBatchNorm2d}
+    from sim_core.model.frozen_bn import FrozenBatchNorm2dTyped
+
+    assert seen["norms"] == {FrozenBatchNorm2dTyped}  # torchvision's FrozenBatchNorm2d, keeping the input dtype
 
 
 def test_dcn_parameter_count_is_resnet101_plus_offsets(dcn):

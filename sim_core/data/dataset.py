@@ -43,7 +43,10 @@ class CocoDetectionDataset(Dataset):
         seed: int | None = None,
         drop_empty: bool | None = None,
         cache_images: bool = False,
+        load_masks: bool = True,
     ) -> None:
+        """``load_masks=False``: targets without GT masks (inference needs the image and its size only;
+        decoding every val mask at COCO size costs as much as reading the image)."""
         check_transform_settings(sizes, max_size, flip_prob)
         self.data = data
         self.train = train
@@ -56,6 +59,7 @@ class CocoDetectionDataset(Dataset):
         # demo sample's loading time. Each DataLoader worker fills its own copy, so this is
         # meant for small datasets (the synthetic demo: 2,000 x 128 x 128 x 3 bytes = 98 MB).
         self.cache_images = bool(cache_images)
+        self.load_masks = bool(load_masks)
         self._images: dict[int, torch.Tensor] = {}
         drop_empty = train if drop_empty is None else drop_empty
         self.image_ids = [
@@ -102,7 +106,11 @@ class CocoDetectionDataset(Dataset):
             if self.cache_images:
                 self._images[image_id] = image.clone()
         anns = [a for a in self.data.annotations[image_id] if not a["iscrowd"]]
-        if anns:
+        if anns and not self.load_masks:
+            masks = torch.zeros((len(anns), 0, 0), dtype=torch.uint8)  # not loaded (inference)
+            xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)
+            boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1).float()
+        elif anns:
             masks = torch.stack([self._instance_mask(a, height, width) for a in anns])
             xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)
             boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1).float()
@@ -126,7 +134,11 @@ class CocoDetectionDataset(Dataset):
         params = sample_params(
             height, width, self.train, self.sizes, self.max_size, self.flip_prob, self._generator(index)
         )
-        image, boxes, masks = apply_transform(image, target["boxes"], target["masks"], params)
+        if self.load_masks:
+            image, boxes, masks = apply_transform(image, target["boxes"], target["masks"], params)
+        else:
+            image, boxes, _ = apply_transform(image, target["boxes"], target["masks"][:0], params)
+            masks = None
         target.update(boxes=boxes, masks=masks)
         return image, target
 

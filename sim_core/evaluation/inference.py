@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from sim_core.data.coco import load_coco
-from sim_core.data.dataset import CocoDetectionDataset
+from sim_core.data.dataset import CocoDetectionDataset, collate
 from sim_core.engine.checkpoint import load_weights
-from sim_core.evaluation.predictions import predictions_to_coco
+from sim_core.evaluation.predictions import binarize_masks, predictions_to_coco
 from sim_core.model.condinst import CondInst
 
 
@@ -29,25 +30,35 @@ def load_trained_model(weights_path: str | Path, device: torch.device) -> tuple[
 @torch.no_grad()
 def predict_split(model: CondInst, ann_path: Path, image_dir: Path, params: dict, device: torch.device,
                   progress: bool = True) -> tuple[list, list]:
-    """Run the detector over every image of a split; returns (segm, bbox) results."""
+    """Run the detector over every image of a split; returns (segm, bbox) results.
+
+    Images are read by a DataLoader (``train.num_workers`` workers, no GT masks
+    decoded); each image's masks are resized to its original size and
+    thresholded on ``device``, so only ``uint8`` masks cross to the host, where
+    they are RLE-encoded (``evaluation.predictions.binarize_masks``).
+    """
     coco = load_coco(ann_path, image_dir, check_images=False)
     data_cfg, eval_cfg = params["data"], params["evaluate"]
     dataset = CocoDetectionDataset(coco, train=False, sizes=[int(data_cfg["test_size"])],
-                                   max_size=int(data_cfg["max_size"]), flip_prob=0.0)
-    batch = int(eval_cfg.get("batch_size", 8))
+                                   max_size=int(data_cfg["max_size"]), flip_prob=0.0, load_masks=False)
+    workers = int(params["train"].get("num_workers", 0))
+    loader = DataLoader(dataset, batch_size=int(eval_cfg.get("batch_size", 8)), shuffle=False, collate_fn=collate,
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    thresh = float(eval_cfg.get("mask_thresh", 0.5))
     segm, bbox = [], []
     label_to_cat = {int(k): int(v) for k, v in coco.label_to_cat_id.items()}
-    for start in tqdm(range(0, len(dataset), batch), desc="predict", disable=not progress, mininterval=1.0):
-        samples = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
-        images = [s[0].to(device) for s in samples]
+    for batch_images, targets in tqdm(loader, desc="predict", disable=not progress, mininterval=1.0):
+        images = [im.to(device, non_blocking=True) for im in batch_images]
         preds = model.predict(images, score_thresh=float(eval_cfg["score_thresh"]),
                               nms_thresh=float(params["model"].get("nms_thresh", 0.6)),
                               max_detections=int(eval_cfg["max_detections"]))
-        preds = [{k: v.cpu() for k, v in p.items()} for p in preds]
-        s, b = predictions_to_coco(preds, [int(t["image_id"]) for _, t in samples],
-                                   [tuple(t["orig_size"]) for _, t in samples],
-                                   [tuple(im.shape[-2:]) for im in images], label_to_cat,
-                                   mask_thresh=float(eval_cfg.get("mask_thresh", 0.5)))
+        input_sizes = [tuple(im.shape[-2:]) for im in images]
+        orig_sizes = [tuple(t["orig_size"]) for t in targets]
+        preds = [{**{k: v.cpu() for k, v in p.items() if k != "masks"},
+                  "masks": binarize_masks(p["masks"], size, orig, thresh).cpu()}
+                 for p, size, orig in zip(preds, input_sizes, orig_sizes)]
+        s, b = predictions_to_coco(preds, [int(t["image_id"]) for t in targets], orig_sizes, input_sizes,
+                                   label_to_cat, mask_thresh=thresh)
         segm.extend(s)
         bbox.extend(b)
     return segm, bbox

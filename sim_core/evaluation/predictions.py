@@ -73,6 +73,17 @@ def predictions_to_coco(
 
         if pred.get("masks") is None:
             continue
+        if isinstance(pred["masks"], torch.Tensor) and pred["masks"].dtype == torch.uint8:
+            binary = pred["masks"].cpu()  # already at the original size (binarize_masks)
+            if binary.shape != (len(boxes), h0, w0):
+                raise ValueError(f"image {image_id}: binary masks must be [K, h0, w0] = {(len(boxes), h0, w0)}, "
+                                 f"got {tuple(binary.shape)}")
+            rles = [rle for start in range(0, len(binary), _MASK_CHUNK)
+                    for rle in encode_masks(binary[start:start + _MASK_CHUNK].numpy())]
+            for k, rle in enumerate(rles):
+                segm.append({"image_id": image_id, "category_id": cat_ids[k], "segmentation": rle,
+                             "bbox": [float(v) for v in xywh[k].tolist()], "score": float(scores[k])})
+            continue
         masks = _as_tensor(pred["masks"], torch.float32)
         if masks.dim() == 4 and masks.shape[1] == 1:
             masks = masks[:, 0]
@@ -100,6 +111,17 @@ def rescale_boxes(boxes: torch.Tensor, input_size: tuple[int, int], orig_size: t
     out[:, 0::2] = out[:, 0::2].clamp(0, w0)
     out[:, 1::2] = out[:, 1::2].clamp(0, h0)
     return torch.stack([out[:, 0], out[:, 1], out[:, 2] - out[:, 0], out[:, 3] - out[:, 1]], dim=1)
+
+
+def binarize_masks(masks: torch.Tensor, input_size: tuple[int, int], orig_size: tuple[int, int],
+                   thresh: float) -> torch.Tensor:
+    """:func:`rescale_masks` in chunks on the masks' own device, as ``uint8``: what inference copies to the
+    host (a GPU thresholds; 1 byte per pixel at the original size crosses instead of 4 at the input's)."""
+    (h0, w0) = orig_size
+    out = torch.empty((len(masks), h0, w0), dtype=torch.uint8, device=masks.device)
+    for start in range(0, len(masks), _MASK_CHUNK):
+        out[start:start + _MASK_CHUNK] = rescale_masks(masks[start:start + _MASK_CHUNK], input_size, orig_size, thresh)
+    return out
 
 
 def rescale_masks(masks: torch.Tensor, input_size: tuple[int, int], orig_size: tuple[int, int],
