@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_params_arguments(parser)
     parser.add_argument("--run-dir", default=None, help="output directory (default: <train.runs_dir>/<run>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--restart", action="store_true",
+                        help="train from iteration 0, deleting the run's checkpoints (a finished run is otherwise "
+                             "kept when only the code changed: the settings fingerprint does not cover code)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -53,13 +56,26 @@ def main(args: argparse.Namespace) -> int:
 
     prepare_weights(resolved["model"])  # weights cached (or downloaded) before any data or run dir is touched
     run_dir = run_dir_for(params, args.run, args.run_dir)
-    processes = int(resolved["train"].get("processes", 1))
+    processes = local_processes(resolved["train"])
     if processes > 1 and "LOCAL_RANK" not in os.environ:
         return launch_local_processes(processes, args)
-    result = train_run(resolved, run_dir, progress=not args.no_progress and sys.stderr.isatty())
+    result = train_run(resolved, run_dir, progress=not args.no_progress and sys.stderr.isatty(),
+                       restart=args.restart)
     print(f"trained {args.run}: {result['iterations']} iterations"
           + (f" (resumed at {result['resumed_from']})" if result["resumed_from"] else "") + f" -> {run_dir}")
     return 0
+
+
+def local_processes(train_cfg: dict) -> int:
+    """Processes to start on this machine: ``train.processes`` (the recipe's layout), but on a GPU machine at
+    most one per visible GPU; the trainer then keeps the batch by accumulation and says what differs."""
+    import torch
+
+    wanted = int(train_cfg.get("processes", 1))
+    device = str(train_cfg.get("device", "auto"))
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return max(1, min(wanted, torch.cuda.device_count()))
+    return wanted
 
 
 def launch_local_processes(processes: int, args: argparse.Namespace) -> int:
@@ -75,6 +91,8 @@ def launch_local_processes(processes: int, args: argparse.Namespace) -> int:
         argv += ["--run-dir", args.run_dir]
     if args.no_progress:
         argv.append("--no-progress")
+    if args.restart:
+        argv.append("--restart")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
     elastic_launch(config, entrypoint=sys.executable)(*argv)

@@ -97,3 +97,38 @@ def test_sync_bn_without_distribution_warns_naming_the_key(smoke_params):
     with pytest.warns(UserWarning, match=r"train.sync_bn: true acts only with several processes on GPUs"):
         trainer_module.Trainer(resolve_run(params, "mask_s0"), Path(params["train"]["runs_dir"]) / "m",
                                progress=False)
+
+
+def test_fewer_processes_than_the_recipe_keep_the_batch_and_warn_once(smoke_params, monkeypatch):
+    """The paper profiles' layout is 8 processes x 2 images; one process keeps the batch of 16 by 8 accumulation
+    steps and says what that changes."""
+    params = copy.deepcopy(smoke_params)
+    params["train"].update(processes=8, batch_size=16, batch_per_process=2, max_iter=1, checkpoint_every=1)
+    trainer = trainer_module.Trainer(resolve_run(params, "mask_s0"), Path(params["train"]["runs_dir"]) / "m",
+                                     progress=False)
+    with pytest.warns(UserWarning) as caught:
+        trainer.run()
+    notes = [str(w.message) for w in caught if "recipe's layout" in str(w.message)]
+    assert len(notes) == 1
+    assert "train.processes 8 (the recipe's layout) but 1 process(es) here: the batch of 16 is kept with 8 " \
+           "accumulation step(s) of 2 image(s)" in notes[0]
+    assert "BatchNorm statistics over 2 image(s)" in notes[0] and "16 entries per process" in notes[0]
+
+
+def test_local_launch_takes_at_most_one_process_per_gpu(monkeypatch):
+    from experiments.train import local_processes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert local_processes({"processes": 8, "device": "auto"}) == 2
+    assert local_processes({"processes": 1, "device": "cuda"}) == 1
+    assert local_processes({"processes": 2, "device": "cpu"}) == 2  # CPU processes as asked (gloo)
+
+
+def test_paper_profiles_state_the_papers_layout():
+    from sim_core.config import profile_path, read_yaml
+
+    for name in ("coco_r50_1x", "coco_r101_1x", "coco_r101_3x", "coco_r101dcn_bifpn_3x", "coco_swinb_3x",
+                 "voc_r50", "voc_r101", "coco_r50_boxlevelset_own"):
+        train = read_yaml(profile_path(name))["train"]
+        assert (train["processes"], train["batch_per_process"], train["batch_size"]) == (8, 2, 16), name

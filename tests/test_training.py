@@ -304,3 +304,20 @@ def test_duration_text():
     from sim_core.engine.logger import _duration
 
     assert [_duration(s) for s in (5, 252, 7500, float("inf"))] == ["5s", "4m12s", "2h05m", "?"]
+
+
+def test_a_finished_run_records_no_empty_segment_and_restart_retrains(smoke_params, capsys):
+    """Re-running a finished run (as dvc does after a code edit) trains nothing and records no new segment;
+    ``--restart`` trains again from iteration 0."""
+    _, run_dir = _run(smoke_params, "mask_s0", max_iter=2, checkpoint_every=2)
+    first = json.loads((run_dir / "run.json").read_text())["segments"]
+    result, _ = _run(smoke_params, "mask_s0", max_iter=2, checkpoint_every=2)
+    assert result["resumed_from"] == 2
+    assert json.loads((run_dir / "run.json").read_text())["segments"] == first
+    resolved = resolve_run(apply_overrides(smoke_params, {"train.max_iter": 2, "train.checkpoint_every": 2}),
+                           "mask_s0")
+    capsys.readouterr()
+    result = train_run(resolved, run_dir, progress=False, restart=True)
+    assert result["resumed_from"] == 0 and "--restart: " in capsys.readouterr().out
+    segments = json.loads((run_dir / "run.json").read_text())["segments"]
+    assert len(segments) == 1 and segments[0]["created"] >= first[0]["created"]

@@ -11,6 +11,9 @@ What the loop guarantees:
   only a checkpoint with the run's settings fingerprint is resumed
   (``engine.records``): after any change of data, model, schedule, method or
   seed settings the run trains from iteration 0 and says which settings changed;
+  the fingerprint covers settings, not code: a finished run stays finished
+  after a code edit (``run.json`` keeps the commit each segment trained
+  with) unless it is trained with ``restart=True`` (``simbench train --restart``);
 - atomic checkpoints every ``train.checkpoint_every`` iterations (rank 0);
 - a non-finite loss stops the run at once, naming the iteration and every
   loss term, and leaves the last good checkpoint in place;
@@ -321,12 +324,37 @@ class Trainer:
                      segments=self.segments)
         atomic_write_json(self.run_dir / "run.json", stamp)
 
-    def run(self) -> dict:
-        self.try_resume()
-        self.segments.append(self._segment())
+    def layout_note(self, micro: int) -> str | None:
+        """One line when this run's processes differ from the recipe's ``train.processes`` (else None)."""
+        wanted = int(self.cfg.get("processes", 1))
+        if self.dist.world_size == wanted:
+            return None
+        per_step = int(self.cfg["batch_size"]) // self.dist.world_size // micro
+        return (f"train.processes {wanted} (the recipe's layout) but {self.dist.world_size} process(es) here: "
+                f"the batch of {self.cfg['batch_size']} is kept with {micro} accumulation step(s) of {per_step} "
+                f"image(s) per process; what differs from the recipe: BatchNorm statistics over {per_step} "
+                f"image(s) (sync_bn spans processes only), detection losses normalised per micro-batch rather than "
+                f"over the whole batch, and SIM's bank takes {int(self.cfg['batch_size']) // self.dist.world_size} "
+                f"entries per process and iteration, not {int(self.cfg['batch_size']) // wanted}")
+
+    def run(self, restart: bool = False) -> dict:
+        """Train to ``train.max_iter``; ``restart``: from iteration 0, the run's checkpoints deleted first
+        (the way to retrain a finished run under changed code, which the settings fingerprint does not cover)."""
         max_iter = int(self.cfg["max_iter"])
+        if restart:
+            if self.dist.is_main:
+                for name in (ckpt.LAST, ckpt.PREVIOUS, "model.pt"):
+                    (self.run_dir / name).unlink(missing_ok=True)
+                print(f"--restart: {self.run_dir} trains from iteration 0", flush=True)
+        else:  # (with --restart no process reads a checkpoint, so none waits for the deletion)
+            self.try_resume()
+        if self.start_iter < max_iter:  # a segment is recorded only where iterations are trained
+            self.segments.append(self._segment())
         micro = accumulation_steps(int(self.cfg["batch_size"]), int(self.cfg["batch_per_process"]),
                                    self.dist.world_size)
+        note = self.layout_note(micro)
+        if note and self.dist.is_main:
+            warnings.warn(note, stacklevel=2)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_stamp()
@@ -387,7 +415,7 @@ class Trainer:
         return {"iterations": max_iter, "resumed_from": self.start_iter, "restarted": self.restart_reason}
 
 
-def train_run(params: dict, run_dir: str | Path, progress: bool = True) -> dict:
+def train_run(params: dict, run_dir: str | Path, progress: bool = True, restart: bool = False) -> dict:
     """Train one resolved run (see ``sim_core.config.resolve_run``) into ``run_dir``."""
     set_cpu_threads(params["train"])
-    return Trainer(params, run_dir, progress=progress).run()
+    return Trainer(params, run_dir, progress=progress).run(restart=restart)
