@@ -44,6 +44,9 @@ def main(args: argparse.Namespace) -> int:
 
     params = load_params_from_args(args)  # validated (names, overrides the run would ignore) before torch loads
     resolved = resolve_run(params, args.run)
+    from sim_core.engine.trainer import train_run
+
+    prepare_weights(resolved["model"])  # weights cached (or downloaded) before any data or run dir is touched
     train_json = require_prepared(resolved, "train")
     method = resolved["train"]["method"]
     if method in METHODS_NEEDING_MASKS:
@@ -52,9 +55,6 @@ def main(args: argparse.Namespace) -> int:
             raise InputError(f"run '{args.run}'", f"method '{method}' trains on ground-truth masks, but "
                                                  f"{total - with_masks} of {total} instances in {train_json} "
                                                  "have only a box; use a box-supervised method")
-    from sim_core.engine.trainer import train_run
-
-    prepare_weights(resolved["model"])  # weights cached (or downloaded) before any data or run dir is touched
     run_dir = run_dir_for(params, args.run, args.run_dir)
     processes = local_processes(resolved["train"])
     if processes > 1 and "LOCAL_RANK" not in os.environ:

@@ -337,6 +337,21 @@ class Trainer:
                 f"over the whole batch, and SIM's bank takes {int(self.cfg['batch_size']) // self.dist.world_size} "
                 f"entries per process and iteration, not {int(self.cfg['batch_size']) // wanted}")
 
+    @staticmethod
+    def _loss_totals(iteration: int, names: list[str], readouts: list[torch.Tensor], micro: int) -> dict[str, float]:
+        """The iteration's loss terms (mean over micro-batches) from one host read of every micro-batch's
+        terms (one wait for the device per iteration); a non-finite term stops the run before the optimiser
+        step, naming the first micro-batch's terms that hold it (the last good checkpoint is kept)."""
+        rows = torch.stack(readouts).tolist()
+        totals: dict[str, float] = {}
+        for row in rows:
+            values = dict(zip(names, row))
+            if not all(math.isfinite(v) for v in row):
+                raise NonFiniteLossError(iteration, values)
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v / micro
+        return totals
+
     def run(self, restart: bool = False) -> dict:
         """Train to ``train.max_iter``; ``restart``: from iteration 0, the run's checkpoints deleted first
         (the way to retrain a finished run under changed code, which the settings fingerprint does not cover)."""
@@ -369,9 +384,9 @@ class Trainer:
                 lr = lr_at(iteration, self.cfg)
                 set_lr(self.optimizer, lr)
                 self.optimizer.zero_grad(set_to_none=True)
-                totals: dict[str, float] = {}
                 diagnose = self.diagnose_at(iteration, max_iter)
                 quality: dict[str, list[float]] = {}
+                readouts: list[torch.Tensor] = []  # each micro-batch's loss terms, read on the host once
                 for _ in range(micro):
                     images, targets = next(loader)
                     if diagnose and hasattr(self.mask_loss, "last_quality"):
@@ -381,13 +396,9 @@ class Trainer:
                         for k, v in (getattr(self.mask_loss, "last_quality", None) or {}).items():
                             if v is not None and math.isfinite(float(v)):
                                 quality.setdefault(k, []).append(float(v))
-                    loss = sum(losses.values()) / micro
-                    values = {k: float(v.detach()) for k, v in losses.items()}
-                    if not all(math.isfinite(v) for v in values.values()):
-                        raise NonFiniteLossError(iteration, values)
-                    for k, v in values.items():
-                        totals[k] = totals.get(k, 0.0) + v / micro
-                    self.scaler.scale(loss).backward()
+                    readouts.append(torch.stack([v.detach().to(torch.float64) for v in losses.values()]))
+                    self.scaler.scale(sum(losses.values()) / micro).backward()
+                totals = self._loss_totals(iteration, list(losses), readouts, micro)  # before the step
                 average_gradients(self.model)
                 average_gradients(self.mask_loss)
                 self.scaler.unscale_(self.optimizer)
