@@ -169,7 +169,7 @@ METHOD_VARIANTS = [
     ("sim", "sim", {}),
     ("sim_released_code", "sim", {"sim.variant": "released_code"}),
 ]
-# Each main method in the three precisions a demo step has had, side by side (issue 17):
+# Each main method in the three precisions a demo step has had, side by side:
 # ``_fp32`` (train.cpu_amp: false, the default on CPUs without native bfloat16), ``_bf16``
 # (bfloat16 autocast, GroupNorm in float32: ``auto`` with AMX/AVX512-BF16) and ``_bf16_gn_bf16``
 # (bfloat16 autocast with GroupNorm in bfloat16, the code path before GroupNorm32). On an

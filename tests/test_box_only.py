@@ -138,3 +138,10 @@ def test_report_on_box_only_runs(box_only_coco128, capsys):
     assert code == 0, capsys.readouterr().err
     main_table = next((out / "tables").glob("main_*.tex")).read_text()
     assert "---" in main_table and "BoxInst" in main_table
+
+
+def test_mask_grid_ceiling_switches_off_without_masks(box_only_coco128, capsys):
+    from sim_core.evaluation.grid_ceiling import grid_ceiling
+
+    assert grid_ceiling(box_only_coco128 / "data" / "val.json") == {}
+    assert "mask-grid ceiling off: " in capsys.readouterr().out

@@ -275,7 +275,7 @@ def test_fuzz_prepare_custom(base):
 
 
 def test_weird_values_cover_the_issue():
-    """The value pool holds every kind the issue names (a guard against it shrinking)."""
+    """The value pool holds every kind of bad value the fuzzing promises (a guard against it shrinking)."""
     pool = WEIRD.wrapped_strategy.elements if hasattr(WEIRD, "wrapped_strategy") else WEIRD.elements
     floats = [v for v in pool if isinstance(v, float)]
     assert any(math.isnan(v) for v in floats) and any(math.isinf(v) for v in floats)

@@ -1,4 +1,4 @@
-"""The one input gate (sim_core.data.validate), entry by entry, and the rows of issue 16's table.
+"""The one input gate (sim_core.data.validate), entry by entry, and every kind of bad input it refuses.
 
 Every row that concerns a dataset or results json exits 2 with one line on
 stderr naming the file, the record and the problem, and writes nothing. The

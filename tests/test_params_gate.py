@@ -1,6 +1,6 @@
-"""Params through the CLI (issue 16): every bad params file or override is exit 2 and one stderr line.
+"""Params through the CLI: every bad params file or override is exit 2 and one stderr line.
 
-The table rows of the issue (anchor bomb, a run named ``../escaped``, ``runs:``
+The classic bad inputs (anchor bomb, a run named ``../escaped``, ``runs:``
 as a list, ``train.batch_per_process=0``, ``--set train.seed=1``) run through
 ``train`` and ``repro --dry``; ``repro`` validates exactly as ``train`` does.
 Also: run names, the batch-split rule against the engine's own, overrides
@@ -302,3 +302,29 @@ def test_every_option_has_help():
 
     walk(build_parser(), ["simbench"])
     assert not missing, missing
+
+
+def test_the_readme_synopsis_matches_the_parsers():
+    """Every option the README's command-line synopsis shows exists in that verb's parser, and every verb is
+    in the synopsis."""
+    import argparse
+    import re
+
+    from sim_core.cli import VERBS, build_parser
+
+    text = (REPO / "README.md").read_text()
+    synopsis = text.split("## Command line", 1)[1].split("```", 2)[1]
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    seen = set()
+    for line in synopsis.strip().splitlines():
+        words = line.split()
+        verb = words[1]
+        seen.add(verb)
+        parser = subparsers.choices[verb]
+        if len(words) > 2 and words[2] in getattr(next((a for a in parser._actions if isinstance(
+                a, argparse._SubParsersAction)), None), "choices", {}):
+            parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[words[2]]
+        known = {o for a in parser._actions for o in a.option_strings}
+        for option in re.findall(r"(--[a-z][a-z-]*)", line.split("(docs/")[0]):
+            assert option in known, f"README synopsis: {verb} has no option {option}"
+    assert seen == set(VERBS), sorted(set(VERBS) ^ seen)

@@ -42,8 +42,13 @@ def grid_limited_mask(mask: np.ndarray, stride: int) -> np.ndarray:
 
 
 def grid_ceiling(gt_json: str | Path, strides: Iterable[int] = (8, 4)) -> dict[int, float]:
-    """Mask AP (fraction) of the grid-limited oracle for each stride, on the non-crowd GT of ``gt_json``."""
+    """Mask AP (fraction) of the grid-limited oracle for each stride, on the non-crowd GT of ``gt_json``
+    (``{}``, with one printed line, when instances have no mask: box-only data)."""
     gt = load_json(gt_json, "ground truth")
+    missing = sum(1 for ann in gt["annotations"] if not ann.get("iscrowd", 0) and not ann.get("segmentation"))
+    if missing:  # box-only data: no mask to limit to a grid
+        print(f"mask-grid ceiling off: {missing} instances in {gt_json} have no mask", flush=True)
+        return {}
     coco = make_gt_api(gt, "pycocotools")
     objects = [(ann, coco.annToMask(ann)) for ann in gt["annotations"] if not ann.get("iscrowd", 0)]
     out = {}
