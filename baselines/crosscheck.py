@@ -165,7 +165,7 @@ def simbench_side(params: dict, num_classes: int, state: dict[str, torch.Tensor]
     ``dtype`` float64 gives the reference that measures float32's own rounding error.
     """
     from baselines import build_mask_loss
-    from sim_core.engine.trainer import method_config
+    from sim_core.methods import method_config
     from sim_core.model.condinst import CondInst
 
     method = params["train"]["method"]

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from sim_core.methods import builtin_names, get_method
+
 REPO = Path(__file__).resolve().parents[1]
 COCO128 = REPO / ".." / "shared" / "datasets" / "coco128"
 
@@ -114,7 +116,8 @@ def _make_method_step(params: dict, method: str, images, targets, num_classes: i
     ``group_norm_in_input_type``: the previous GroupNorm path (``_group_norm_in_input_type``)."""
     from sim_core.config import apply_overrides
     from sim_core.engine.schedule import build_optimizer
-    from sim_core.engine.trainer import autocast_dtype, method_config
+    from sim_core.engine.trainer import autocast_dtype
+    from sim_core.methods import build_training_state, method_config
     from sim_core.model.condinst import CondInst
     from baselines import build_mask_loss
 
@@ -124,11 +127,8 @@ def _make_method_step(params: dict, method: str, images, targets, num_classes: i
     if group_norm_in_input_type:
         _group_norm_in_input_type(model)  # before SIM copies the model into its teacher
     loss_fn = build_mask_loss(method, method_config(params, method))
-    state = None
-    if method == "sim":
-        from sim_core.sim.trainer_hooks import SIMTrainingState
-
-        state = SIMTrainingState(model, loss_fn, method_config(params, "sim"), num_classes=num_classes, seed=0)
+    state = build_training_state(method, student=model, mask_loss=loss_fn, cfg=method_config(params, method),
+                                 num_classes=num_classes, seed=0)
     optimizer = build_optimizer([p for m in (model, loss_fn) for p in m.parameters() if p.requires_grad],
                                 params["train"])
     max_iter = 1000
@@ -174,7 +174,7 @@ METHOD_VARIANTS = [
 # (bfloat16 autocast, GroupNorm in float32: ``auto`` with AMX/AVX512-BF16) and ``_bf16_gn_bf16``
 # (bfloat16 autocast with GroupNorm in bfloat16, the code path before GroupNorm32). On an
 # AVX2-only CPU the two bfloat16 rows are emulated and several times slower.
-PRECISION_METHODS = ("mask", "boxinst", "boxlevelset", "sim")
+PRECISION_METHODS = builtin_names()
 PRECISION_VARIANTS = [(f"{method}{suffix}", method,
                        {"train.cpu_amp": amp, **({"boxlevelset.tree_filter": True} if method == "boxlevelset" else {})},
                        gn_in_input_type)
@@ -215,7 +215,7 @@ def bench_profile(s: BenchSettings) -> dict:
     return run(s)
 
 
-DIAGNOSTIC_METHODS = ("boxinst", "boxlevelset", "sim")
+DIAGNOSTIC_METHODS = tuple(m for m in builtin_names() if get_method(m).diagnostics)
 
 
 def bench_diagnostics(s: BenchSettings) -> dict:

@@ -48,7 +48,7 @@ params.yaml ``report`` section (every key optional; the defaults are below):
       curve_smoothing: 10         # trailing moving average over logged points (1 = raw)
 
 A row is ``{label | label_tex, match: dict | [dict, ...] | runs: [names], paper: entry id, compete: bool}``;
-``compete: false`` keeps a row out of the bold "best" (default: false only for ``mask``).
+``compete: false`` keeps a row out of the bold "best" (default: the method's ``competes``, false for ``mask``).
 """
 from __future__ import annotations
 
@@ -67,10 +67,8 @@ from sim_core.errors import InputError
 from sim_core.evaluation.coco_eval import make_gt_api
 from sim_core.evaluation.results import normalise_results
 from sim_core.io_utils import atomic_directory, atomic_write_json, atomic_write_text
+from sim_core.methods import get_method
 
-METHOD_ORDER = ("mask", "boxmask", "boxinst", "boxlevelset", "sim")
-METHOD_NAMES = {"mask": "Mask (upper bound)", "boxmask": "Box as mask", "boxinst": "BoxInst",
-                "boxlevelset": "BoxLevelSet", "sim": "SIM"}
 _PSEUDO, _PASTE = r"$\mathcal{L}_{pseudo}$", r"$\mathcal{L}_{paste}$"
 DEFAULT_ABLATIONS: dict[str, list[dict]] = {
     "components": [
@@ -186,8 +184,24 @@ def build_rows(specs: dict[str, dict], results: dict[str, RunResult], row_specs:
         label = spec.get("label_tex") or latex.latex_escape(spec["label"])
         name = spec.get("label") or re.sub(r"[\\${}]|mathcal", "", spec["label_tex"])
         rows.append(Row(label, method, [results[n] for n in names], spec.get("paper"), name=name,
-                        compete=bool(spec.get("compete", method != "mask"))))
+                        compete=bool(spec.get("compete", competes(method)))))
     return rows
+
+
+def display_name(method: str) -> str:
+    """A method's label in tables and figures (``sim_core.methods``; the name itself when unknown)."""
+    try:
+        return get_method(method).display_name
+    except InputError:
+        return method
+
+
+def competes(method: str) -> bool:
+    """Whether a method's row can be a table's bold best (an upper bound cannot)."""
+    try:
+        return get_method(method).competes
+    except InputError:
+        return True
 
 
 def _identity(spec: dict) -> dict:
@@ -197,8 +211,8 @@ def _identity(spec: dict) -> dict:
 
 def default_main_rows(specs: dict[str, dict]) -> list[dict]:
     plain = [s["method"] for s in specs.values() if set(_identity(s)) == {"method"}]
-    methods = [m for m in METHOD_ORDER if m in plain] + sorted({m for m in plain if m not in METHOD_ORDER})
-    return [{"label": METHOD_NAMES.get(m, m), "match": {"method": m}} for m in methods]
+    methods = sorted(set(plain), key=lambda m: (get_method(m).order, m))
+    return [{"label": get_method(m).display_name, "match": {"method": m}} for m in methods]
 
 
 def group_of(result: RunResult) -> tuple[str, str, str]:
@@ -364,7 +378,7 @@ class _Report:
             row = next((r for r in rows if r.method == method), None)
             runs = [r for r in (row.present if row else []) if (self.runs_dir / r.name / "segm.json").exists()]
             results = _checked_segm(self.runs_dir / runs[0].name / "segm.json", gt) if runs else None
-            columns.append((METHOD_NAMES.get(method, method), results))
+            columns.append((display_name(method), results))
         if all(res is None for _, res in columns):
             return None
         ids = qualitative.choose_images(gt.dataset, c["qualitative_image_ids"], c["qualitative_count"])
@@ -437,7 +451,7 @@ def upstream_pairs(params: dict, runs_dir: Path) -> list[dict]:
                 reimpl = None
         pairs.append({"title": code["title"], "fixes": [str(x) for x in entry.get("fixes") or []],
                       "ablations": [str(x) for x in entry.get("ablations") or []],
-                      "method_name": f"{METHOD_NAMES.get(code['method'], code['method'])}",
+                      "method_name": display_name(code["method"]),
                       "original": RunResult(name, metrics.get("seed"), metrics), "reimplementation": reimpl,
                       "configuration": _pair_configuration(entry, runs.get(partner) if partner else None)})
     return pairs

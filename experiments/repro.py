@@ -46,10 +46,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Relative time of a run per iteration by method (demo pipeline of 2026-11-30, two one-thread runs side by
-# side). Only orders the queue (longest first, so no long run starts last); a wrong guess costs time, never
-# correctness.
-STEP_COST = {"sim": 1.67, "boxlevelset": 1.32, "boxinst": 1.26, "mask": 1.0, "boxmask": 1.0}
+from sim_core.methods import get_method
+
+# Relative time of a run per iteration: a method's ``step_cost`` (sim_core.methods). Only orders the queue
+# (longest first, so no long run starts last); a wrong guess costs time, never correctness.
 # The same for the authors' code bases (upstream_demo of 2026-12-01: AdelaiDet BoxInst 1.72 s, released SIM
 # 1.86 s per iteration against 1.16 s for simbench's BoxInst in the same setting).
 UPSTREAM_STEP_COST = {"adelaidet": 1.85, "sim": 1.85}
@@ -96,7 +96,7 @@ def queue_longest_first(params: dict) -> list[Job]:
         return float(((entry.get("set") if isinstance(entry, dict) else None) or {}).get("train.max_iter",
                                                                                        default_iters))
 
-    jobs = [Job(name, STEP_COST.get(run.get("method", ""), 1.0) * max_iter(run))
+    jobs = [Job(name, get_method(run["method"]).step_cost * max_iter(run))
             for name, run in (params.get("runs") or {}).items()]
     for name, entry in (params.get("upstream_runs") or {}).items():
         code = entry.get("code", "") if isinstance(entry, dict) else ""

@@ -38,9 +38,11 @@ from unittest import mock
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from sim_core.methods import builtin_names
+
 PREFIX = "sb::"
 STEP = "step"
-PROFILE_METHODS = ("mask", "boxmask", "boxinst", "boxlevelset", "sim")
+PROFILE_METHODS = builtin_names()
 TOP_OPS = 15
 MODULE_SCOPES = (("backbone", "backbone"), ("neck", "fpn"), ("head", "fcos_head"), ("mask_branch", "mask_branch"),
                  ("mask_head", "dynamic_mask_head"))

@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sim_core.config import METHODS_NEEDING_MASKS, resolve_run
+    from sim_core.config import resolve_run
+    from sim_core.methods import get_method
     from sim_core.errors import InputError
 
     from sim_core.model.pretrained import prepare_weights
@@ -49,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     prepare_weights(resolved["model"])  # weights cached (or downloaded) before any data or run dir is touched
     train_json = require_prepared(resolved, "train")
     method = resolved["train"]["method"]
-    if method in METHODS_NEEDING_MASKS:
+    if get_method(method).needs_masks:
         with_masks, total = split_mask_counts(train_json)
         if with_masks < total:
             raise InputError(f"run '{args.run}'", f"method '{method}' trains on ground-truth masks, but "

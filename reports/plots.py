@@ -34,8 +34,6 @@ import pandas as pd  # noqa: E402
 from sim_core.errors import InputError  # noqa: E402
 from sim_core.io_utils import atomic_write_bytes  # noqa: E402
 
-METHOD_COLORS = {"mask": "#4d4d4d", "boxmask": "#a6761d", "boxinst": "#1f77b4",
-                 "boxlevelset": "#2ca02c", "sim": "#d62728"}
 _EXTRA_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
 TOTAL_NAMES = ("loss", "total_loss", "loss_total")
 DETECTION_TERMS = {"loss_cls", "loss_box", "loss_bbox", "loss_giou", "loss_reg", "loss_ctr",
@@ -54,9 +52,14 @@ SQ_FAMILY_ORDER = ("pair", "MS", "MI", "M", "levelset_img", "levelset_feat")
 
 
 def method_color(method: str) -> str:
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
-    return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
+    """The method's colour (``sim_core.methods``); a stable one of a few spare colours for any other name."""
+    from sim_core.errors import InputError
+    from sim_core.methods import get_method
+
+    try:
+        return get_method(method).color
+    except InputError:
+        return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
 
 
 def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:

@@ -34,10 +34,10 @@ from typing import Any
 import yaml
 
 from sim_core.errors import InputError, quote, shorten
+from sim_core.methods import builtin_names, get_method, is_plugin
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "experiments" / "profiles"
-METHODS = ("mask", "boxmask", "boxinst", "boxlevelset", "sim")
-METHODS_NEEDING_MASKS = ("mask",)  # trained on ground-truth masks: refused on box-only training data
+METHODS = builtin_names()  # the built-in methods, from the one table (sim_core.methods)
 # The kind of value a key takes whose demo value is ``null`` (``null`` itself is always allowed there).
 NULLABLE_KINDS = {"train.norm_weight_decay": "number", "boxinst.pairwise_warmup_iters": "number",
                   "sim.pairwise_color_thresh": "number", "report.main": "list", "report.components": "list",
@@ -139,7 +139,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     overrides are then also checked against what that run's entry and settings
     overwrite (see :func:`check_overrides`).
     """
-    params = read_yaml(path)
+    params = with_method_defaults(read_yaml(path))
     parsed = [(key, integral_as_int(key, value)) for key, value in (parse_override(o) for o in overrides or [])]
     for key, _ in parsed:
         if key in RUN_ENTRY_KEYS and run is None:
@@ -233,8 +233,44 @@ def _kind(value: Any) -> str:
 
 
 def method_sections(method: str) -> tuple[str, ...]:
-    """The params sections a method's loss reads: its own, and for SIM also BoxInst's (its pairwise term)."""
-    return (method, "boxinst") if method == "sim" else (method,)
+    """The params sections a method's loss reads, its own first (``sim_core.methods.MethodSpec.sections``)."""
+    return get_method(method).sections
+
+
+def plugin_methods(params: dict) -> list[Any]:
+    """The specs of the methods of one's own that the runs use (built-ins excluded)."""
+    runs = params.get("runs")
+    names = [run.get("method") for run in runs.values() if isinstance(run, dict)] if isinstance(runs, dict) else []
+    specs = []
+    for name in dict.fromkeys(names):
+        if isinstance(name, str) and is_plugin(name):
+            try:
+                specs.append(get_method(name))
+            except InputError:
+                continue  # validate_params names the run whose method this is
+    return specs
+
+
+def with_method_defaults(params: dict) -> dict:
+    """``params`` with the params section of every method of one's own the runs use, its spec's defaults
+    filling what the file does not set (a new dict; built-in sections come from the file alone)."""
+    plugins = plugin_methods(params)
+    if not plugins:
+        return params
+    params = copy.deepcopy(params)
+    for spec in plugins:
+        set_dotted(params, spec.name, {**copy.deepcopy(spec.defaults), **(get_dotted(params, spec.name) or {})},
+                   create=True)
+    return params
+
+
+def schema_for(params: dict) -> dict:
+    """The reference the params are checked against: the demo profile plus the sections of the methods of
+    one's own that the runs use (their spec's defaults give keys and kinds)."""
+    ref = reference_params()
+    for spec in plugin_methods(params):
+        set_dotted(ref, spec.name, copy.deepcopy(spec.defaults), create=True)
+    return ref
 
 
 def _check_against(node: dict, ref: dict, prefix: str, source: str) -> None:
@@ -261,9 +297,13 @@ def _check_against(node: dict, ref: dict, prefix: str, source: str) -> None:
 
 def validate_params(params: dict, source: str = "params.yaml") -> None:
     """Fail early, naming the key, on anything the engine would trip over later."""
-    ref = reference_params()
+    for name, run in (params.get("runs") or {}).items() if isinstance(params.get("runs"), dict) else []:
+        if isinstance(run, dict) and isinstance(run.get("method"), str):
+            _check_method(name, run["method"], source)
+    params = with_method_defaults(params)
+    ref = schema_for(params)
     _check_against(params, ref, "", source)
-    for section in ref:
+    for section in reference_params():
         if section not in params:
             raise InputError(source, f"missing params section '{section}'")
     _check_train(params["train"], source)
@@ -347,9 +387,7 @@ def _validate_run(name: Any, run: Any, params: dict, source: str) -> None:
     unknown = set(map(str, run)) - {"method", "seed", "set"}
     if unknown:
         raise InputError(source, f"unknown params key {quote(f'runs.{name}.{sorted(unknown)[0]}')}")
-    if run.get("method") not in METHODS:
-        raise InputError(source, f"params key 'runs.{name}.method': unknown method {quote(run.get('method'))}; "
-                                 f"choose one of {', '.join(METHODS)}")
+    _check_method(name, run.get("method"), source)
     seed = run.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise InputError(source, f"params key 'runs.{name}.seed' must be an integer, got {quote(seed)}")
@@ -361,9 +399,16 @@ def _validate_run(name: Any, run: Any, params: dict, source: str) -> None:
         if not isinstance(key, str):
             raise InputError(where, f"key {quote(key)} must be a dotted params key")
     resolved = apply_overrides(_without_runs(params), overrides, source=where)
-    _check_against(resolved, reference_params(), "", where)
+    _check_against(resolved, schema_for(params), "", where)
     _check_train(resolved["train"], where)
     check_overrides(_fill_run(resolved, name, run), name, list(overrides), where, source)
+
+
+def _check_method(run_name: Any, method: Any, source: str) -> None:
+    try:
+        get_method(method)
+    except InputError as exc:
+        raise InputError(source, f"params key 'runs.{run_name}.method': {exc.problem}") from None
 
 
 def _without_runs(params: dict) -> dict:
@@ -388,6 +433,7 @@ def resolve_run(params: dict, run_name: str) -> dict:
         choices = shorten(", ".join(map(str, runs)) if isinstance(runs, dict) and runs else "(none declared)", 300)
         raise InputError("--run", f"unknown run {quote(run_name)}; runs declared in params: {choices}")
     run = runs[run_name]
+    params = with_method_defaults(params)
     resolved = apply_overrides(_without_runs(params), run.get("set") or {}, source=f"runs.{run_name}.set")
     return _fill_run(resolved, run_name, run)
 

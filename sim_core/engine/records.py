@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sim_core.config import method_sections
+from sim_core.config import get_dotted, method_sections
 
 # train keys that cannot change what is computed, only where it runs or what is written when
 MACHINE_ONLY_TRAIN_KEYS = ("runs_dir", "device", "threads", "num_workers", "log_every", "checkpoint_every",
@@ -99,7 +99,7 @@ def weights_inputs(resolved: dict, train_json_sha256: str | None = None) -> dict
     _flat(resolved["model"], "model.", out)
     _flat({k: v for k, v in resolved["train"].items() if k not in MACHINE_ONLY_TRAIN_KEYS}, "train.", out)
     for section in method_sections(resolved["train"]["method"]):
-        _flat(resolved.get(section) or {}, f"{section}.", out)
+        _flat(get_dotted(resolved, section) or {}, f"{section}.", out)
     return out
 
 

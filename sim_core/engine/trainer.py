@@ -41,9 +41,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from baselines import build_mask_loss
+from sim_core.methods import build_training_state, method_config
 from sim_core.data.coco import load_coco
 from sim_core.data.dataset import CocoDetectionDataset, collate
-from sim_core.config import is_cpu_amp_value, method_sections
+from sim_core.config import is_cpu_amp_value
 from sim_core.engine import checkpoint as ckpt
 from sim_core.engine.batches import IterationBatchSampler, SeededSamples
 from sim_core.engine.distributed import DistInfo, accumulation_steps, average_gradients, init_distributed
@@ -69,17 +70,6 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("train.device", f"'{name}' requested but no CUDA device is available")
     return torch.device(name)
-
-
-def method_config(params: dict, method: str) -> dict:
-    """The params a mask loss reads: its own section (SIM also gets BoxInst's, ``method_sections``)."""
-    own, *others = method_sections(method)
-    cfg = dict(params.get(own) or {})
-    for section in others:
-        cfg[section] = dict(params[section])
-    if method in ("sim", "boxlevelset"):
-        cfg["mask_feat_channels"] = params["model"]["mask_out_channels"]
-    return cfg
 
 
 def build_train_data(params: dict) -> tuple[Any, CocoDetectionDataset]:
@@ -177,13 +167,11 @@ class Trainer:
         seed_everything(int(self.cfg["seed"]))
         self.model = CondInst(num_classes, params["model"]).to(self.device)
         self.mask_loss = build_mask_loss(self.cfg["method"], method_config(params, self.cfg["method"])).to(self.device)
-        self.sim_state = None
-        if self.cfg["method"] == "sim":
-            from sim_core.sim.trainer_hooks import SIMTrainingState
-
-            self.sim_state = SIMTrainingState(self.model, self.mask_loss, method_config(params, "sim"),
-                                              num_classes=num_classes, seed=int(self.cfg["seed"]),
-                                              build_model=lambda: CondInst(num_classes, params["model"]))
+        # what the method keeps between iterations (SIM: teacher, prototypes, copy-paste bank), or None
+        self.method_state = build_training_state(
+            self.cfg["method"], student=self.model, mask_loss=self.mask_loss,
+            cfg=method_config(params, self.cfg["method"]), num_classes=num_classes, seed=int(self.cfg["seed"]),
+            build_model=lambda: CondInst(num_classes, params["model"]))
         if bool(self.cfg.get("sync_bn", False)):
             if self.dist.enabled and self.device.type == "cuda":
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -246,8 +234,8 @@ class Trainer:
             "fingerprint": {"sha256": self.fingerprint, "inputs": self.fingerprint_inputs},
             "segments": self.segments,
         }
-        if self.sim_state is not None:
-            state["sim"] = self.sim_state.state_dict()
+        if self.method_state is not None:
+            state["method_state"] = self.method_state.state_dict()
         return state
 
     def try_resume(self) -> int:
@@ -276,8 +264,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        if self.sim_state is not None and "sim" in state:
-            self.sim_state.load_state_dict(state["sim"])
+        if self.method_state is not None and "method_state" in state:
+            self.method_state.load_state_dict(state["method_state"])
         self.start_iter = int(state["iteration"])
         return self.start_iter
 
@@ -303,9 +291,9 @@ class Trainer:
         images = [im.to(self.device, non_blocking=True) for im in images]
         targets = [{k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
         extras = None
-        if self.sim_state is not None:
-            images, targets = self.sim_state.before_step(images, targets, iteration)
-            extras = self.sim_state.extras()
+        if self.method_state is not None:
+            images, targets = self.method_state.before_step(images, targets, iteration)
+            extras = self.method_state.extras()
         with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             return self.model.training_losses(images, targets, self.mask_loss, iteration, max_iter, extras=extras,
@@ -406,8 +394,8 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(self.trainable, clip)
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
-                if self.sim_state is not None:
-                    self.sim_state.after_step(self.model, iteration)
+                if self.method_state is not None:
+                    self.method_state.after_step(self.model, iteration)
                 totals["loss"] = sum(v for k, v in totals.items())
                 logger.log(iteration, lr, totals, time.perf_counter() - tic,
                            quality={k: sum(v) / len(v) for k, v in quality.items()})
