@@ -247,7 +247,7 @@ def test_non_finite_loss_stops_naming_iteration_and_terms(smoke_params, monkeypa
                 losses["loss_mask"] = losses["loss_mask"] * float("nan")
             return losses
 
-    monkeypatch.setattr(trainer_module, "build_mask_loss", lambda method, cfg: NanAfterFirst())
+    monkeypatch.setattr(trainer_module, "build_loss", lambda method, cfg: NanAfterFirst())
     with pytest.raises(NonFiniteLossError) as info:
         _run(smoke_params, "mask_s0", max_iter=5, checkpoint_every=1)
     message = str(info.value)

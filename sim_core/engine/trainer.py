@@ -1,8 +1,9 @@
 """The training loop shared by every method.
 
 One loop for all methods and scales: the method only changes the mask loss
-(``baselines.build_mask_loss``) and, for SIM, adds a teacher, a prototype bank
-and copy-paste (``sim_core.sim.trainer_hooks.SIMTrainingState``).
+and what it keeps between iterations (SIM: a teacher, a prototype bank and
+copy-paste), both named by its entry in the method table (``sim_core.methods``),
+which the loop reads without importing any method's code itself.
 
 What the loop guarantees:
 - resume: the latest readable checkpoint is loaded and training continues at
@@ -40,8 +41,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from baselines import build_mask_loss
-from sim_core.methods import build_training_state, method_config
+from sim_core.methods import build_loss, build_training_state, method_config
 from sim_core.data.coco import load_coco
 from sim_core.data.dataset import CocoDetectionDataset, collate
 from sim_core.config import is_cpu_amp_value
@@ -166,7 +166,7 @@ class Trainer:
         # The model is built from the run seed alone so every process starts identical.
         seed_everything(int(self.cfg["seed"]))
         self.model = CondInst(num_classes, params["model"]).to(self.device)
-        self.mask_loss = build_mask_loss(self.cfg["method"], method_config(params, self.cfg["method"])).to(self.device)
+        self.mask_loss = build_loss(self.cfg["method"], method_config(params, self.cfg["method"])).to(self.device)
         # what the method keeps between iterations (SIM: teacher, prototypes, copy-paste bank), or None
         self.method_state = build_training_state(
             self.cfg["method"], student=self.model, mask_loss=self.mask_loss,
