@@ -21,7 +21,6 @@ import argparse
 import json
 import platform
 import time
-from pathlib import Path
 
 SECTIONS = ("methods", "engine_vs_torchvision", "lab", "coco_eval", "eval_masks", "data", "mask_grid", "memory",
             "ddp", "backbones", "diagnostics", "profile")

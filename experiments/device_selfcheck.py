@@ -68,7 +68,6 @@ def _waits(watch: Any) -> Counter:
 
 
 def _device(device_name: str):
-    import torch
 
     from sim_core.engine.device_check import CHECKED_DEVICE
     from sim_core.engine.trainer import pick_device

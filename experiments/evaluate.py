@@ -114,7 +114,6 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sim_core.errors import InputError
 
     check_options(args)
     if args.run:

@@ -211,3 +211,19 @@ def smoke_params(smoke_dataset: Path, tmp_path: Path) -> dict:
     params["train"]["runs_dir"] = str(tmp_path / "runs")
     params["train"]["threads"] = 1
     return params
+
+
+def write_smoke_project(root: Path, data_root: Path, max_iter: int, runs: dict | None = None) -> dict:
+    """``root/params.yaml``: the smoke profile on ``data_root``, runs under ``root/runs``, ``max_iter``
+    iterations with one checkpoint at the end; ``runs`` replaces the profile's matrix. Returns the params."""
+    import yaml
+
+    from sim_core.config import read_yaml
+
+    params = read_yaml(REPO_ROOT / "experiments" / "profiles" / "smoke.yaml")
+    params["data"]["root"] = str(data_root)
+    params["train"].update(runs_dir=str(root / "runs"), threads=1, max_iter=max_iter, checkpoint_every=max_iter)
+    if runs is not None:
+        params["runs"] = runs
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return params

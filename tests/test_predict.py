@@ -6,21 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
+from conftest import write_smoke_project
 from sim_core.cli import main
 
 
 @pytest.fixture(scope="module")
 def trained(smoke_dataset, tmp_path_factory):
-    from sim_core.config import read_yaml
-
     root = tmp_path_factory.mktemp("predict")
-    params = read_yaml(Path(__file__).resolve().parents[1] / "experiments" / "profiles" / "smoke.yaml")
-    params["data"]["root"] = str(smoke_dataset)
-    params["train"].update(runs_dir=str(root / "runs"), threads=1, max_iter=2, checkpoint_every=2)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_smoke_project(root, smoke_dataset, max_iter=2)
     assert main(["train", "--run", "mask_s0", "--params", str(root / "params.yaml"), "--no-progress"]) == 0
     return root
 

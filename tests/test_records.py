@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import write_smoke_project
 from sim_core.cli import main
 from sim_core.config import resolve_run
 from sim_core.engine.records import (MACHINE_ONLY_TRAIN_KEYS, check_run, differences, fingerprint,
@@ -51,14 +52,9 @@ def test_differences_name_the_first_changed_keys():
 @pytest.fixture(scope="module")
 def project(smoke_dataset, tmp_path_factory):
     """Two runs of the smoke profile trained (3 iterations), evaluated; params.yaml in ``root``."""
-    from sim_core.config import read_yaml
-
     root = tmp_path_factory.mktemp("records")
-    params = read_yaml(Path(__file__).resolve().parents[1] / "experiments" / "profiles" / "smoke.yaml")
-    params["data"]["root"] = str(smoke_dataset)
-    params["train"].update(runs_dir=str(root / "runs"), threads=1, max_iter=3, checkpoint_every=3)
-    params["runs"] = {"mask_s0": {"method": "mask", "seed": 0}, "boxinst_s0": {"method": "boxinst", "seed": 0}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    params = write_smoke_project(root, smoke_dataset, max_iter=3, runs={
+        "mask_s0": {"method": "mask", "seed": 0}, "boxinst_s0": {"method": "boxinst", "seed": 0}})
     for run in params["runs"]:
         assert main(["train", "--run", run, "--params", str(root / "params.yaml"), "--no-progress"]) == 0
         assert main(["evaluate", "--run", run, "--params", str(root / "params.yaml")]) == 0
