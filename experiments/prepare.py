@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     voc.add_argument("--sbd", default=None, help="SBD folder (dataset/inst, dataset/cls, ...)")
     voc.add_argument("--train-json", default=None, help="ready-made voc_2012_train_aug_cocostyle.json instead of SBD")
     voc.add_argument("--val-json", default=None, help="ready-made voc_2012_val_cocostyle.json")
+    carparts = kinds.add_parser("carparts", help="500 real photographs of cars, 18 part classes (the published "
+                                                 "train/test split)")
+    carparts.add_argument("--root", default=None,
+                          help="the carparts folder (default: ../shared/datasets/carparts)")
     custom = kinds.add_parser("custom", help="any COCO-format images + jsons (masks optional: box-only data works)")
     custom.add_argument("--images", default=None, help="folder the jsons' file_name entries are relative to "
                                                       "(both splits)")
@@ -36,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     custom.add_argument("--val-images", default=None, help="the validation split's own image folder")
     custom.add_argument("--train-ann", required=True, help="COCO-format json of the training split")
     custom.add_argument("--val-ann", required=True, help="COCO-format json of the validation split")
-    for sub in (syn, c128, coco, voc, custom):
+    for sub in (syn, c128, coco, voc, carparts, custom):
         sub.add_argument("--out", required=True, help="output directory")
 
 
@@ -84,6 +88,10 @@ def main(args: argparse.Namespace) -> int:
 
             download_coco(Path(args.root))
         summary = prep.prepare_coco(out, Path(args.root))
+    elif args.kind == "carparts":
+        from sim_core.data.carparts import prepare_carparts
+
+        summary = prepare_carparts(out, root=Path(args.root) if args.root else None)
     elif args.kind == "voc":
         from sim_core.data import voc
 
@@ -103,4 +111,10 @@ def main(args: argparse.Namespace) -> int:
                                       val_images=val_images)
     print(f"prepared {args.kind} -> {out}")
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=None))
+    if args.kind == "carparts":  # the annotation tool's quirks, handled by name (summary.json: source.quirks)
+        for split, q in summary["source"]["quirks"].items():
+            fields = sum(n for per_kind in q["tool_fields"].values() for n in per_kind.values())
+            print(f"{split}: {q['iscrowd_boolean']} boolean iscrowd -> 0/1, {q['background_category']} empty "
+                  f"_background_ category dropped, {fields} annotation-tool field values removed "
+                  "(summary.json: source.quirks)")
     return 0

