@@ -20,7 +20,9 @@ from experiments.common import (add_params_arguments, load_params_from_args, req
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", default=None, help="run name: predict on val, then evaluate")
+    parser.add_argument("--run", "--name", dest="run", default=None,
+                        help="run name: predict on val, then evaluate (--name under torchrun: each process "
+                             "predicts a share of the images, the first scores them)")
     parser.add_argument("--gt", default=None, help="ground-truth COCO json")
     parser.add_argument("--results", default=None, help="COCO results json (segm or bbox)")
     parser.add_argument("--iou", default=None, help="with --gt: iou types, comma separated (default segm,bbox)")
@@ -48,7 +50,8 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     from sim_core.errors import InputError
     from sim_core.engine.seeding import set_cpu_threads
     from sim_core.evaluation.coco_eval import evaluate_coco
-    from sim_core.evaluation.inference import load_trained_model, predict_split
+    from sim_core.engine.distributed import init_distributed
+    from sim_core.evaluation.inference import gather_shards, load_trained_model, predict_split
     from sim_core.io_utils import atomic_write_json
 
     params = load_params_from_args(args)
@@ -57,6 +60,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     run_dir = run_dir_for(params, args.run, args.run_dir)
     set_cpu_threads(resolved["train"])  # the training's thread count: same numbers whatever runs beside it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist_info = init_distributed(device)  # under torchrun: each process predicts a shard, rank 0 scores
     model_path = run_dir / "model.pt"
     model, meta = load_trained_model(model_path, device)
     inputs = weights_inputs(resolved)
@@ -67,7 +71,12 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     root = Path(resolved["data"]["root"])
     gt_path = root / "val.json"
     segm, bbox = predict_split(model, gt_path, root / "images", resolved, device,
-                               progress=sys.stderr.isatty())
+                               progress=sys.stderr.isatty() and dist_info.is_main,
+                               shard=(dist_info.rank, dist_info.world_size))
+    gathered = gather_shards(segm, bbox, gt_path)
+    if gathered is None:
+        return {}  # not rank 0: its shard is written by rank 0
+    segm, bbox = gathered
     atomic_write_json(run_dir / "segm.json", segm, indent=None)
     atomic_write_json(run_dir / "bbox.json", bbox, indent=None)
     backend = args.backend or resolved["evaluate"]["backend"]

@@ -59,3 +59,31 @@ def test_train_processes_setting_launches_local_processes(smoke_params, tmp_path
     _train([sys.executable], params_path, tmp_path / "self")
     run_json = yaml.safe_load((tmp_path / "self" / "run.json").read_text())
     assert run_json["world_size"] == 2
+
+
+def test_evaluation_sharded_over_two_processes_equals_one(smoke_params, tmp_path):
+    """Under torchrun each process predicts every second image; rank 0 gathers them in the split's order."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    import json
+    import shutil
+
+    smoke_params["train"].update(max_iter=2, checkpoint_every=2)
+    smoke_params["evaluate"]["score_thresh"] = 0.0  # an untrained model: keep its detections
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(smoke_params))
+    _train([sys.executable], params_path, tmp_path / "one")
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for prefix, run_dir in (([sys.executable], "one"),
+                            ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"],
+                             "two")):
+        done = subprocess.run([*prefix, "-m", "sim_core", "evaluate", "--name", "mask_s0", "--params",
+                               str(params_path), "--run-dir", str(tmp_path / run_dir)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("segm.json", "bbox.json"):
+        one = json.loads((tmp_path / "one" / name).read_text())
+        assert one and one == json.loads((tmp_path / "two" / name).read_text()), name
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert one["segm"] == two["segm"] and one["bbox"] == two["bbox"]

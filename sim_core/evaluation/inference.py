@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from sim_core.data.coco import load_coco
@@ -17,6 +17,24 @@ from sim_core.data.dataset import CocoDetectionDataset, collate
 from sim_core.engine.checkpoint import load_weights
 from sim_core.evaluation.predictions import binarize_masks, predictions_to_coco
 from sim_core.model.condinst import CondInst
+
+
+def gather_shards(segm: list, bbox: list, ann_path: Path) -> tuple[list, list] | None:
+    """Under ``torch.distributed``: every process's shard of results on rank 0, in the split's image order
+    (as one process would list them); None on the other ranks. Without distribution: the results as they are."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return segm, bbox
+    shards: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, (segm, bbox))
+    if dist.get_rank() != 0:
+        return None
+    order = {image_id: position for position, image_id in enumerate(load_coco(ann_path, ann_path.parent,
+                                                                             check_images=False).image_ids)}
+    merged_segm = sorted((r for s, _ in shards for r in s), key=lambda r: order[r["image_id"]])
+    merged_bbox = sorted((r for _, b in shards for r in b), key=lambda r: order[r["image_id"]])
+    return merged_segm, merged_bbox
 
 
 def load_trained_model(weights_path: str | Path, device: torch.device) -> tuple[CondInst, dict]:
@@ -29,18 +47,23 @@ def load_trained_model(weights_path: str | Path, device: torch.device) -> tuple[
 
 @torch.no_grad()
 def predict_split(model: CondInst, ann_path: Path, image_dir: Path, params: dict, device: torch.device,
-                  progress: bool = True) -> tuple[list, list]:
+                  progress: bool = True, shard: tuple[int, int] = (0, 1)) -> tuple[list, list]:
     """Run the detector over every image of a split; returns (segm, bbox) results.
 
     Images are read by a DataLoader (``train.num_workers`` workers, no GT masks
     decoded); each image's masks are resized to its original size and
     thresholded on ``device``, so only ``uint8`` masks cross to the host, where
     they are RLE-encoded (``evaluation.predictions.binarize_masks``).
+    ``shard=(rank, processes)``: only the images ``rank, rank + processes, ...``
+    of the split (:func:`gather_shards` puts the processes' results together).
     """
     coco = load_coco(ann_path, image_dir, check_images=False)
     data_cfg, eval_cfg = params["data"], params["evaluate"]
     dataset = CocoDetectionDataset(coco, train=False, sizes=[int(data_cfg["test_size"])],
                                    max_size=int(data_cfg["max_size"]), flip_prob=0.0, load_masks=False)
+    rank, processes = shard
+    if processes > 1:
+        dataset = Subset(dataset, list(range(rank, len(dataset), processes)))
     workers = int(params["train"].get("num_workers", 0))
     loader = DataLoader(dataset, batch_size=int(eval_cfg.get("batch_size", 8)), shuffle=False, collate_fn=collate,
                         num_workers=workers, pin_memory=device.type == "cuda")
