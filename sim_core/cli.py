@@ -26,7 +26,7 @@ VERBS = {
     "status": "experiments.status",
 }
 HELP = {
-    "prepare": "prepare a dataset (synthetic, coco128, coco, voc, custom) as COCO jsons",
+    "prepare": "prepare a dataset (synthetic, coco128, coco, voc, carparts, custom) as COCO jsons",
     "train": "train one run of the params' runs matrix",
     "evaluate": "evaluate a run on val, or any COCO results file against a GT json",
     "predict": "run a trained model on a folder of images or a split: COCO results and overlay images",

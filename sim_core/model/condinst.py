@@ -10,7 +10,7 @@ smaller CPU model the unit tests use):
 ========================  ==================  ==============  ==================================================
 key                       paper default       demo            meaning
 ========================  ==================  ==============  ==================================================
-backbone                  resnet50            resnet_tiny     resnet18 | resnet50 | resnet101 | resnet_tiny | swin_b | resnet101_dcn
+backbone                  resnet50            resnet_tiny     resnet18 | resnet50 | resnet101 | resnet_tiny | swin_b | resnet101_dcn | efficientnet_lite0
 pretrained                none (profiles:     none            imagenet | none | weights file (state dict or
                           imagenet)                           detectron2 .pkl); null is an error (sim_core/model/pretrained.py)
 freeze_at                 2                   0               ResNet stages frozen (detectron2: 2 = stem + res2)
