@@ -24,7 +24,10 @@ def describe(check) -> str:  # noqa: ANN001 (a records.RunCheck)
     trained = "not trained" if check.iterations is None else f"trained {check.iterations}/{check.max_iter}"
     if check.max_iter is None:
         trained = "imported results"
-    state = "fresh" if check.fresh else "stale: " + "; ".join(check.problems)
+    if check.problems == ["not trained"]:
+        state = "to do"  # nothing recorded yet: nothing to be stale
+    else:
+        state = "fresh" if check.fresh else "stale: " + "; ".join(check.problems)
     if check.fresh and check.commits:
         state += f" (code {', '.join(c[:12] + ('+dirty' if c.endswith('+dirty') else '') for c in check.commits)})"
     return f"{check.run}  {trained}  {'evaluated' if check.evaluated else 'not evaluated'}  {state}"
