@@ -97,8 +97,9 @@ def make_bank_entry(image: Tensor, boxes: Tensor, labels: Tensor, instance_probs
     if instance_probs.shape[-2:] != (h, w):
         raise ValueError(f"teacher probabilities {tuple(instance_probs.shape)} do not match image {h}x{w}")
     crops, masks, origins, keep_boxes, keep_labels, scores = [], [], [], [], [], []
+    box_list = boxes.tolist()  # one read of every coordinate (on a GPU: one wait, not four per instance)
     for k in range(boxes.shape[0]):
-        x0, y0, x1, y1 = box_pixel_region(boxes[k], h, w)
+        x0, y0, x1, y1 = box_pixel_region(box_list[k], h, w)
         if x1 <= x0 or y1 <= y0:
             continue
         probs = instance_probs[k, y0:y1, x0:x1].float()
@@ -216,19 +217,20 @@ def paste_instances(image: Tensor, target: dict[str, Any], entry: dict[str, Any]
     was_pasted = was_pasted.clone() if was_pasted is not None else torch.zeros(n, dtype=torch.bool)
 
     keep, new_boxes, kept_regions = [], [], []
+    box_list, pasted_list = boxes.tolist(), was_pasted.tolist()  # read once, not per instance
     # AdelaiDet's box fill at full resolution (stride 1): rows and columns int(y1)..int(y2) inclusive
     fills = box_masks(boxes, h, w, 1).bool() if regions else None
     for i in range(n):
-        if was_pasted[i] or regions:
+        if pasted_list[i] or regions:
             # an earlier pasted instance's region is its pseudo mask; with regions, an original's is its box fill
-            region = (masks[i].bool() if was_pasted[i] else fills[i]) & ~alpha
+            region = (masks[i].bool() if pasted_list[i] else fills[i]) & ~alpha
             if not bool(region.any()):
                 continue
             new_boxes.append(tight_box(region))
             kept_regions.append(region)
             keep.append(i)
             continue
-        x0, y0, x1, y1 = box_pixel_region(boxes[i], h, w)
+        x0, y0, x1, y1 = box_pixel_region(box_list[i], h, w)
         covered = alpha[y0:y1, x0:x1]
         if x1 > x0 and y1 > y0 and bool(covered.all()):
             continue  # fully covered: dropped
