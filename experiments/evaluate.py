@@ -73,7 +73,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
     segm, bbox = predict_split(model, gt_path, root / "images", resolved, device,
                                progress=sys.stderr.isatty() and dist_info.is_main,
                                shard=(dist_info.rank, dist_info.world_size))
-    gathered = gather_shards(segm, bbox, gt_path)
+    gathered = gather_shards(segm, bbox)
     if gathered is None:
         return {}  # not rank 0: its shard is written by rank 0
     segm, bbox = gathered

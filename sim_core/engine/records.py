@@ -39,8 +39,6 @@ MACHINE_ONLY_TRAIN_KEYS = ("runs_dir", "device", "threads", "num_workers", "log_
                            "supervision_diagnostics")
 # data keys that do not reach a training batch (the data itself is identified by train.json's sha256)
 DATA_WEIGHT_KEYS = ("dataset", "train_sizes", "max_size", "flip_prob")
-# what the evaluation's numbers depend on besides the model
-EVALUATION_KEYS = ("data.test_size",)
 TRAIN_JSON = "train.json"
 VAL_JSON = "val.json"
 NOT_FOUND = "missing"
@@ -129,7 +127,8 @@ def _show(value: Any) -> str:
 
 
 def differences(old: dict[str, Any] | None, new: dict[str, Any], limit: int = 3) -> str:
-    """The first differing keys as ``key old -> new`` (``'(none recorded)'`` when ``old`` is None)."""
+    """The first differing keys as ``key old -> new`` (``'no settings fingerprint recorded'`` when ``old`` is
+    None, as in a checkpoint written before fingerprints)."""
     if old is None:
         return "no settings fingerprint recorded"
     keys = sorted(set(old) | set(new))

@@ -166,11 +166,12 @@ class Trainer:
         # The model is built from the run seed alone so every process starts identical.
         seed_everything(int(self.cfg["seed"]))
         self.model = CondInst(num_classes, params["model"]).to(self.device)
-        self.mask_loss = build_loss(self.cfg["method"], method_config(params, self.cfg["method"])).to(self.device)
+        loss_cfg = method_config(params, self.cfg["method"])
+        self.mask_loss = build_loss(self.cfg["method"], loss_cfg).to(self.device)
         # what the method keeps between iterations (SIM: teacher, prototypes, copy-paste bank), or None
         self.method_state = build_training_state(
-            self.cfg["method"], student=self.model, mask_loss=self.mask_loss,
-            cfg=method_config(params, self.cfg["method"]), num_classes=num_classes, seed=int(self.cfg["seed"]),
+            self.cfg["method"], student=self.model, mask_loss=self.mask_loss, cfg=loss_cfg,
+            num_classes=num_classes, seed=int(self.cfg["seed"]),
             build_model=lambda: CondInst(num_classes, params["model"]))
         if bool(self.cfg.get("sync_bn", False)):
             if self.dist.enabled and self.device.type == "cuda":

@@ -19,9 +19,10 @@ from sim_core.evaluation.predictions import binarize_masks, predictions_to_coco
 from sim_core.model.condinst import CondInst
 
 
-def gather_shards(segm: list, bbox: list, ann_path: Path) -> tuple[list, list] | None:
+def gather_shards(segm: list, bbox: list) -> tuple[list, list] | None:
     """Under ``torch.distributed``: every process's shard of results on rank 0, in the split's image order
-    (as one process would list them); None on the other ranks. Without distribution: the results as they are."""
+    (ascending image id, as ``CocoData`` keys them and one process lists them; the sort is stable, so each
+    image keeps its own order); None on the other ranks. Without distribution: the results as they are."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -30,10 +31,8 @@ def gather_shards(segm: list, bbox: list, ann_path: Path) -> tuple[list, list] |
     dist.all_gather_object(shards, (segm, bbox))
     if dist.get_rank() != 0:
         return None
-    order = {image_id: position for position, image_id in enumerate(load_coco(ann_path, ann_path.parent,
-                                                                             check_images=False).image_ids)}
-    merged_segm = sorted((r for s, _ in shards for r in s), key=lambda r: order[r["image_id"]])
-    merged_bbox = sorted((r for _, b in shards for r in b), key=lambda r: order[r["image_id"]])
+    merged_segm = sorted((r for s, _ in shards for r in s), key=lambda r: r["image_id"])
+    merged_bbox = sorted((r for _, b in shards for r in b), key=lambda r: r["image_id"])
     return merged_segm, merged_bbox
 
 

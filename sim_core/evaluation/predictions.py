@@ -78,25 +78,20 @@ def predictions_to_coco(
             if binary.shape != (len(boxes), h0, w0):
                 raise ValueError(f"image {image_id}: binary masks must be [K, h0, w0] = {(len(boxes), h0, w0)}, "
                                  f"got {tuple(binary.shape)}")
-            rles = [rle for start in range(0, len(binary), _MASK_CHUNK)
-                    for rle in encode_masks(binary[start:start + _MASK_CHUNK].numpy())]
-            for k, rle in enumerate(rles):
-                segm.append({"image_id": image_id, "category_id": cat_ids[k], "segmentation": rle,
-                             "bbox": [float(v) for v in xywh[k].tolist()], "score": float(scores[k])})
-            continue
-        masks = _as_tensor(pred["masks"], torch.float32)
-        if masks.dim() == 4 and masks.shape[1] == 1:
-            masks = masks[:, 0]
-        if masks.dim() != 3 or masks.shape[0] != len(boxes):
-            raise ValueError(f"image {image_id}: masks must be [K, h, w] with K={len(boxes)}, "
-                             f"got {tuple(masks.shape)}")
-        if masks.shape[1] < h_in or masks.shape[2] < w_in:
-            raise ValueError(f"image {image_id}: masks {tuple(masks.shape[1:])} are smaller than the "
-                             f"input size {(h_in, w_in)}")
-        rles = []
-        for start in range(0, len(masks), _MASK_CHUNK):
-            binary = rescale_masks(masks[start:start + _MASK_CHUNK], (h_in, w_in), (h0, w0), mask_thresh)
-            rles.extend(encode_masks(binary.numpy()))
+            chunks = (binary[start:start + _MASK_CHUNK] for start in range(0, len(binary), _MASK_CHUNK))
+        else:
+            masks = _as_tensor(pred["masks"], torch.float32)
+            if masks.dim() == 4 and masks.shape[1] == 1:
+                masks = masks[:, 0]
+            if masks.dim() != 3 or masks.shape[0] != len(boxes):
+                raise ValueError(f"image {image_id}: masks must be [K, h, w] with K={len(boxes)}, "
+                                 f"got {tuple(masks.shape)}")
+            if masks.shape[1] < h_in or masks.shape[2] < w_in:
+                raise ValueError(f"image {image_id}: masks {tuple(masks.shape[1:])} are smaller than the "
+                                 f"input size {(h_in, w_in)}")
+            chunks = (rescale_masks(masks[start:start + _MASK_CHUNK], (h_in, w_in), (h0, w0), mask_thresh)
+                      for start in range(0, len(masks), _MASK_CHUNK))
+        rles = [rle for chunk in chunks for rle in encode_masks(chunk.numpy())]
         for k, rle in enumerate(rles):
             segm.append({"image_id": image_id, "category_id": cat_ids[k], "segmentation": rle,
                          "bbox": [float(v) for v in xywh[k].tolist()], "score": float(scores[k])})
